@@ -1,0 +1,46 @@
+# One command to set up and run the default DAG (make demo), one to set up and run the tests (make test).
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CORES  ?= all
+
+# every cache inside the repository (ignored folders): a run writes nothing to the home directory
+export HF_HOME        := $(CURDIR)/.cache/huggingface
+export TORCH_HOME     := $(CURDIR)/.cache/torch
+export XDG_CACHE_HOME := $(CURDIR)/.cache/xdg
+export MPLCONFIGDIR   := $(CURDIR)/.cache/matplotlib
+export PIP_CACHE_DIR  := $(CURDIR)/.cache/pip
+export HF_HUB_OFFLINE := 1
+export PATH           := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: env demo test lint dry-run lock envs clean-results
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=23"
+	$(PY) -m pip install --quiet -c requirements.lock -e ".[test]"
+	touch $@
+
+env: $(VENV)/.installed
+
+demo: env
+	snakemake --cores $(CORES)
+
+test: env
+	$(PY) -m pytest -q
+
+dry-run: env
+	snakemake -n --cores $(CORES)
+
+lint: env
+	snakemake --lint
+
+lock: env
+	$(PY) -m pip freeze --exclude-editable | grep -v '^continual' > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean-results:
+	rm -rf results/$(RUN)/runs
+
+envs:
+	python3 tools/sync_envs.py

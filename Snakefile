@@ -1,0 +1,25 @@
+# continual-bench: the whole benchmark as one DAG.
+#   snakemake --cores all                                   # the default toy run (config/config.yaml)
+#   snakemake --cores all --config 'n_tasks=[5,10,20]'      # override any key
+#   snakemake --cores all --configfile config/paper.yaml --use-conda --profile profiles/default
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/toy.smk"
+include: "workflow/rules/t2i.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

@@ -1,0 +1,148 @@
+"""Text-to-image backbones: Stable Diffusion v1.x (paper profile) or the tiny toy pipeline, one code path.
+
+Both are directories written by ``StableDiffusionPipeline.save_pretrained`` and read back with
+``from_pretrained`` (subfolders ``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler``).
+The toy pipeline is built from the same diffusers/transformers classes with tiny configurations;
+its tokenizer is OpenAI CLIP's BPE, converted offline from the vocabulary open_clip ships.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..utils import UserError
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-to-unicode table (the one every CLIP BPE vocabulary is written in)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def write_clip_tokenizer(out_dir: str | Path, model_max_length: int = 77) -> Path:
+    """Write ``vocab.json`` + ``merges.txt`` of OpenAI CLIP's BPE from open_clip's bundled vocabulary.
+
+    The construction mirrors ``open_clip.tokenizer.SimpleTokenizer`` (256 byte tokens, the same with
+    ``</w>``, 48,894 merges, then start/end of text: 49,408 ids), so ids equal OpenAI CLIP's.
+    transformers cannot read the gzipped BPE file directly, hence this conversion. The toy world uses
+    ``model_max_length=32`` (its captions are shorter; cross-attention cost scales with it).
+    """
+    from open_clip.tokenizer import default_bpe
+    from transformers import CLIPTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    (out_dir / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}, ensure_ascii=False))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    tok = CLIPTokenizer(str(out_dir / "vocab.json"), str(out_dir / "merges.txt"), model_max_length=model_max_length,
+                        pad_token="<|endoftext|>")
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(path))
+
+
+# ------------------------------------------------------------------------------------------- toy configs
+@dataclass
+class ToyT2IConfig:
+    """Sizes of the toy pipeline (32x32 pixels, 16x16x4 latents)."""
+
+    image_size: int = 32
+    latent_channels: int = 4
+    vae_channels: tuple[int, ...] = (16, 32)
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    attention_head_dim: int = 32
+
+
+def build_toy_vae(cfg: ToyT2IConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=8,
+        sample_size=cfg.image_size, mid_block_add_attention=False,
+    )
+
+
+def build_toy_text_encoder(cfg: ToyT2IConfig, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tc = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads, max_position_embeddings=77,
+        projection_dim=cfg.text_width, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(tc)
+
+
+def build_toy_unet(cfg: ToyT2IConfig, latent_size: int):
+    """Cross-attention only below the highest resolution (attention over 256 tokens is the CPU's bottleneck)."""
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        layers_per_block=1, block_out_channels=cfg.unet_channels,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=cfg.text_width, attention_head_dim=cfg.attention_head_dim, norm_num_groups=32,
+    )
+
+
+def training_scheduler():
+    from diffusers import DDPMScheduler
+
+    # Stable Diffusion v1's noise schedule
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, steps_offset=1)
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_pipeline(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Load a saved pipeline (toy or Stable Diffusion) from a local directory, offline."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"{path}: not a diffusers pipeline directory (no model_index.json); "
+                        "run the backbone rule first (snakemake resources/...)")
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False,
+                                                   torch_dtype=dtype, local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def save_pipeline(vae, text_encoder, tokenizer, unet, out_dir: str | Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=training_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)

@@ -1,0 +1,253 @@
+"""``continual-bench``: one subcommand per Snakemake rule. Each parses its arguments and calls one function."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .utils import UserError, setup_logging
+
+log = logging.getLogger("continual_bench")
+
+
+def _json_arg(text: str) -> dict:
+    try:
+        val = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"--settings: not valid JSON ({e.msg}): {text!r}") from None
+    if val is None:
+        return {}
+    if not isinstance(val, dict):
+        raise UserError(f"--settings: expected a JSON object, got {text!r}")
+    return val
+
+
+# ------------------------------------------------------------------------------------------- commands
+def cmd_methods(a):
+    from .methods import list_methods
+
+    rows = list_methods()
+    if a.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            print(f"{r['track']:4s}  {r['name']:28s} {r['paper']}")
+
+
+def cmd_make_toy_data(a):
+    from .data.toy import write_world
+
+    write_world(a.world, a.out, seed=a.seed, n_concepts=a.n_concepts, n_train=a.n_train, n_eval=a.n_eval,
+                n_generic=a.n_generic, n_generic_ids=a.n_generic_ids)
+
+
+def cmd_write_tokenizer(a):
+    from .backbones.t2i import write_clip_tokenizer
+
+    write_clip_tokenizer(a.out, model_max_length=a.max_length)
+
+
+def cmd_pretrain_vae(a):
+    from .backbones.toy_pretrain import pretrain_vae
+
+    pretrain_vae(a.data, a.out, steps=a.steps, batch_size=a.batch_size, seed=a.seed)
+
+
+def cmd_pretrain_text_encoder(a):
+    from .backbones.toy_pretrain import pretrain_text_encoder
+
+    pretrain_text_encoder(a.data, a.tokenizer, a.out, steps=a.steps, batch_size=a.batch_size, seed=a.seed)
+
+
+def cmd_pretrain_t2i(a):
+    from .backbones.toy_pretrain import pretrain_t2i
+
+    pretrain_t2i(a.data, a.vae, a.tokenizer, a.text_encoder, a.out, steps=a.steps, batch_size=a.batch_size,
+                 lr=a.lr, seed=a.seed)
+
+
+def cmd_train_judge(a):
+    from .evaluation.judge import train_toy_judge
+
+    train_toy_judge(a.data, a.out, steps=a.steps, batch_size=a.batch_size, seed=a.seed)
+
+
+def cmd_train_oracle(a):
+    from .evaluation.oracle import train_oracle
+
+    train_oracle(a.data, a.out, epochs=a.epochs, seed=a.seed)
+
+
+def _spec(a):
+    from .engine.t2i import RunSpec
+
+    from .data.benchmarks import get_benchmark
+
+    return RunSpec(backbone=a.backbone, data_dir=a.data, method=a.method, n_tasks=a.n_tasks, seed=a.seed,
+                   settings=_json_arg(a.settings), class_word=get_benchmark(a.benchmark).class_word,
+                   device=a.device)
+
+
+def cmd_train(a):
+    from .engine.t2i import train_sequence, write_train_summary
+
+    spec = _spec(a)
+    metas = train_sequence(spec, a.ckpt_dir)
+    write_train_summary(spec, metas, a.out)
+
+
+def cmd_generate(a):
+    from .evaluation.t2i_eval import generate_run
+
+    generate_run(_spec(a), a.ckpt_dir, a.out, n_samples=a.n_samples, steps=a.sample_steps, guidance=a.guidance,
+                 full_matrix=a.full_matrix)
+
+
+def cmd_evaluate(a):
+    from .evaluation.judge import load_judge
+    from .evaluation.oracle import Oracle
+    from .evaluation.t2i_eval import evaluate_run
+    from .reporting.grids import sample_grid_from_npz
+    from .utils import provenance
+
+    train_info = json.loads(Path(a.train_json).read_text())
+    judge = load_judge(a.judge)
+    oracle = Oracle.load(a.oracle) if a.oracle else None
+    ident = {"track": "t2i", "benchmark": a.benchmark, "n_tasks": a.n_tasks, "method": a.method, "seed": a.seed}
+    cfg = {"run": ident, "settings": train_info["settings"], "eval": _json_arg(a.eval_settings),
+           "sequence": train_info["sequence"]}
+    evaluate_run(train_json=a.train_json, samples_npz=a.samples, data_dir=a.data, judge=judge, oracle=oracle,
+                 ident=ident, provenance=provenance(cfg), out_metrics=a.out_metrics, out_R=a.out_R)
+    if a.figure:
+        sample_grid_from_npz(a.samples, train_info, a.figure, title=f"{a.benchmark}, {a.method}, seed {a.seed}")
+
+
+def cmd_tables(a):
+    from .reporting.report import build_report
+
+    build_report(a.run_dir, a.metrics)
+
+
+# ------------------------------------------------------------------------------------------- parser
+def _add_run_args(p):
+    p.add_argument("--backbone", required=True, help="pipeline directory (save_pretrained layout)")
+    p.add_argument("--data", required=True, help="prepared dataset directory (manifest.csv)")
+    p.add_argument("--method", required=True)
+    p.add_argument("--n-tasks", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--settings", default="{}", help="JSON object of method settings")
+    p.add_argument("--benchmark", required=True)
+    p.add_argument("--ckpt-dir", required=True)
+    p.add_argument("--device", default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="continual-bench", description=__doc__)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (the Snakemake job's threads)")
+    ap.add_argument("--log-file", default=None)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("methods", help="list registered methods")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("make-toy-data", help="generate a toy dataset")
+    p.add_argument("--world", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-concepts", type=int, default=10)
+    p.add_argument("--n-train", type=int, default=16)
+    p.add_argument("--n-eval", type=int, default=32)
+    p.add_argument("--n-generic", type=int, default=2000)
+    p.add_argument("--n-generic-ids", type=int, default=500)
+    p.set_defaults(func=cmd_make_toy_data)
+
+    p = sub.add_parser("write-tokenizer", help="write OpenAI CLIP's BPE tokenizer from open_clip's vocabulary")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-length", type=int, default=77)
+    p.set_defaults(func=cmd_write_tokenizer)
+
+    for name, func, steps, bs in (("pretrain-vae", cmd_pretrain_vae, 1600, 16),
+                                  ("pretrain-text-encoder", cmd_pretrain_text_encoder, 400, 128),
+                                  ("pretrain-t2i", cmd_pretrain_t2i, 1200, 32),
+                                  ("train-judge", cmd_train_judge, 600, 128)):
+        p = sub.add_parser(name)
+        p.add_argument("--data", nargs="+", required=True)
+        p.add_argument("--out", required=True)
+        p.add_argument("--steps", type=int, default=steps)
+        p.add_argument("--batch-size", type=int, default=bs)
+        p.add_argument("--seed", type=int, default=0)
+        if name in ("pretrain-t2i", "pretrain-text-encoder"):
+            p.add_argument("--tokenizer", required=True)
+        if name == "pretrain-t2i":
+            p.add_argument("--vae", required=True)
+            p.add_argument("--text-encoder", required=True)
+            p.add_argument("--lr", type=float, default=1e-3)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("train-oracle")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_oracle)
+
+    p = sub.add_parser("train", help="train one continual run (all tasks, resumable)")
+    _add_run_args(p)
+    p.add_argument("--out", required=True, help="train.json written when every task is done")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample a trained run's concepts after each task")
+    _add_run_args(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--n-samples", type=int, default=48)
+    p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--full-matrix", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="metrics of a run's samples")
+    p.add_argument("--train-json", required=True)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--judge", required=True)
+    p.add_argument("--oracle", default=None)
+    p.add_argument("--benchmark", required=True)
+    p.add_argument("--method", required=True)
+    p.add_argument("--n-tasks", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--eval-settings", default="{}")
+    p.add_argument("--out-metrics", required=True)
+    p.add_argument("--out-R", required=True)
+    p.add_argument("--figure", default=None)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("tables", help="summary.csv, tables and figures of a run directory from its metric files")
+    p.add_argument("run_dir")
+    p.add_argument("--metrics", nargs="*", default=None, help="metric files (default: run_dir/runs/**/metrics.csv)")
+    p.set_defaults(func=cmd_tables)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_file)
+    from .utils import set_threads
+
+    if args.threads:
+        set_threads(args.threads)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"continual-bench: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"continual-bench: error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

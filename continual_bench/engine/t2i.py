@@ -1,0 +1,189 @@
+"""The text-to-image training engine: one loop for every method, a checkpoint per finished task.
+
+Resuming is exact by construction: before every task the model is rebuilt from the backbone on disk and
+the previous task's checkpoint (``method.load_state``), whether or not the process was restarted, and
+every task's randomness is seeded from (seed, task). A killed run therefore continues at the first task
+without a checkpoint and produces the same numbers as an uninterrupted one.
+
+Checkpoint layout (``ckpt_dir``)::
+
+    task_001/state.safetensors   method.state_dict() after task 1
+    task_001/meta.json           task, concept, N_train, N_store, loss curve summary, seconds
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..backbones.model import T2IModel
+from ..data.datasets import PreparedDataset
+from ..methods.base import T2IMethod, Task, build_settings
+from ..methods.registry import get_method
+from ..utils import UserError, atomic_write_json, seed_everything, stable_seed
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+# ------------------------------------------------------------------------------------------- sequences
+def task_sequence(ds: PreparedDataset, n_tasks: int, seed: int) -> list[str]:
+    """The concepts of a run in order: a seeded draw of ``n_tasks`` of the dataset's concepts."""
+    concepts = ds.concepts()
+    if n_tasks > len(concepts):
+        raise UserError(f"{ds.root}: n_tasks={n_tasks} but the dataset has only {len(concepts)} concepts")
+    rng = np.random.default_rng(stable_seed("sequence", ds.name, seed))
+    return [concepts[i] for i in rng.permutation(len(concepts))[:n_tasks]]
+
+
+def make_tasks(ds: PreparedDataset, sequence: list[str], class_word: str, prompt_template: str,
+               with_images: bool = False) -> list[Task]:
+    tasks: list[Task] = []
+    for i, concept in enumerate(sequence, start=1):
+        token = f"<v{i}>"
+        images = ds.images(concept=concept, split="train") if with_images else torch.empty(0)
+        tasks.append(Task(index=i, concept=concept, token=token, prompt=prompt_template.format(token=token),
+                          images=images, class_word=class_word, past=list(tasks)))
+    return tasks
+
+
+# ------------------------------------------------------------------------------------------- run spec
+class RunSpec:
+    """Everything that identifies one continual run (benchmark x n_tasks x method x seed)."""
+
+    def __init__(self, *, backbone: str | Path, data_dir: str | Path, method: str, n_tasks: int, seed: int,
+                 settings: dict | None = None, class_word: str = "", prompt_template: str = "a photo of {token}",
+                 device: str = "auto"):
+        self.backbone = Path(backbone)
+        self.ds = PreparedDataset(data_dir)
+        self.method_cls: type[T2IMethod] = get_method("t2i", method)
+        self.settings = build_settings(self.method_cls.Settings, settings, f"method_settings.{method}")
+        self.n_tasks = n_tasks
+        self.seed = seed
+        self.device = resolve_device(device)
+        self.sequence = task_sequence(self.ds, n_tasks, seed)
+        self.tasks = make_tasks(self.ds, self.sequence, class_word, prompt_template)
+
+    def new_method(self) -> T2IMethod:
+        model = T2IModel.from_pretrained(self.backbone, device=self.device)
+        return self.method_cls(model, self.settings, seed=self.seed)
+
+    def restore(self, ckpt_dir: Path, tasks_done: int) -> T2IMethod:
+        """A method whose model is in the state after ``tasks_done`` tasks."""
+        method = self.new_method()
+        if tasks_done > 0:
+            state = load_file(str(ckpt_dir / f"task_{tasks_done:03d}" / "state.safetensors"), device=self.device)
+            method.load_state(state, self.tasks[:tasks_done])
+        return method
+
+
+# ------------------------------------------------------------------------------------------- training
+def _done(ckpt_dir: Path, t: int) -> bool:
+    return (ckpt_dir / f"task_{t:03d}" / "meta.json").is_file()
+
+
+def train_one_task(method: T2IMethod, task: Task, seed: int) -> dict:
+    """The loop: cached latents, AdamW over ``method.param_groups()``, autocast on GPU, grad accumulation."""
+    s = method.settings
+    model = method.model
+    seed_everything(stable_seed("train", seed, task.index))
+    g = torch.Generator().manual_seed(stable_seed("batches", seed, task.index))
+    method.begin_task(task)
+    images = task.images
+    if s.flip:
+        images = torch.cat([images, images.flip(-1)])
+    mean, std = model.latent_dist(images)  # the VAE is frozen: encode each image once
+    groups = method.param_groups()
+    params = [p for grp in groups for p in grp["params"]]
+    opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
+    use_amp = model.device.startswith("cuda")
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+    losses = []
+    t0 = time.time()
+    bar = tqdm(range(s.steps), desc=f"{method.name} task {task.index} ({task.concept})", mininterval=5,
+               disable=os.environ.get("CONTINUAL_BENCH_NO_TQDM") == "1")
+    for step in bar:
+        total = 0.0
+        for _ in range(s.grad_accum):
+            idx = torch.randint(0, len(images), (s.batch_size,), generator=g)
+            batch = {"latents": model.sample_latents(mean[idx], std[idx], g), "images": images[idx],
+                     "prompts": [method.prompt(task)] * s.batch_size, "generator": g, "task": task, "step": step}
+            with amp():
+                out = method.loss(batch)
+            loss = out["loss"] / s.grad_accum
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"method {method.name}: non-finite loss {loss.item()} at task {task.index} "
+                                         f"step {step} ({ {k: float(v) for k, v in out.items()} })")
+            loss.backward()
+            total += loss.item()
+        if s.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}")
+    n_trained = method.n_trained()
+    method.end_task(task)
+    return {"task": task.index, "concept": task.concept, "token": task.token, "steps": s.steps,
+            "loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-25:])),
+            "N_train": int(n_trained), "N_store": int(method.n_stored()), "seconds": round(time.time() - t0, 1)}
+
+
+def _save_checkpoint(ckpt_dir: Path, t: int, method: T2IMethod, meta: dict) -> None:
+    final = ckpt_dir / f"task_{t:03d}"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".task_{t:03d}.", dir=ckpt_dir))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}, str(tmp / "state.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def train_sequence(spec: RunSpec, ckpt_dir: str | Path) -> list[dict]:
+    """Train every task of ``spec`` in order, skipping tasks that already have a checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    metas = []
+    for task in spec.tasks:
+        t = task.index
+        if _done(ckpt_dir, t):
+            metas.append(json.loads((ckpt_dir / f"task_{t:03d}" / "meta.json").read_text()))
+            log.info("task %d (%s): checkpoint found, skipping", t, task.concept)
+            continue
+        if t > 1:
+            log.info("task %d: resuming from the checkpoint of task %d", t, t - 1)
+        method = spec.restore(ckpt_dir, t - 1)
+        task.images = spec.ds.images(concept=task.concept, split="train", size=method.model.image_size)
+        meta = train_one_task(method, task, spec.seed)
+        task.images = torch.empty(0)
+        log.info("task %d (%s): loss %.4f -> %.4f in %.1fs", t, task.concept, meta["loss_first"], meta["loss_last"],
+                 meta["seconds"])
+        _save_checkpoint(ckpt_dir, t, method, meta)
+        metas.append(meta)
+    return metas
+
+
+def write_train_summary(spec: RunSpec, metas: list[dict], out: str | Path) -> None:
+    atomic_write_json(out, {"sequence": spec.sequence, "tokens": [t.token for t in spec.tasks],
+                            "prompts": [t.prompt for t in spec.tasks], "method": spec.method_cls.name,
+                            "settings": spec.settings.__dict__, "seed": spec.seed, "tasks": metas})

@@ -1,0 +1,134 @@
+"""The small interface a text-to-image method fills.
+
+The engine calls, for each task t (a new model object is built from the backbone for every task and
+brought to the state after task t-1 by :meth:`T2IMethod.load_state`, so a resumed run is bit-identical
+to an uninterrupted one):
+
+    method = Method(model, settings, seed)      # the backbone as loaded from disk
+    method.load_state(state_after_t-1, t-1)     # skipped for t = 1
+    method.begin_task(task)                     # add the concept token, add adapters, snapshot a teacher...
+    for step: loss = method.loss(batch)         # shared diffusion loss + the method's own term
+              optimizer over method.param_groups()
+    method.end_task(task)                       # freeze, merge, compute a Fisher...
+    state = method.state_dict()                 # everything needed to rebuild the model after task t
+
+and for evaluation ``method.prompt(k)`` and ``method.generate(...)``.
+Hyper-parameters are a dataclass ``Settings`` (defaults = toy profile); the config's
+``method_settings.<name>`` overrides its fields; an unknown key is an error naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..utils import UserError
+
+
+@dataclass
+class TrainSettings:
+    """Training settings every method has (toy-profile defaults)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    flip: bool = True  # horizontal flip augmentation
+
+
+@dataclass
+class Task:
+    """One task of a sequence: the concept learned, its token and prompt, and its training images."""
+
+    index: int  # 1-based position in the sequence
+    concept: str  # concept name in the dataset manifest
+    token: str  # e.g. "<v3>"
+    prompt: str  # training/evaluation prompt, e.g. "a photo of <v3>"
+    images: torch.Tensor  # (N, 3, H, W) in [0, 1]
+    class_word: str = ""  # "person", "waterfall": never in the prompt (C-LoRA sec. 3.3), used by some methods
+    past: list["Task"] = dataclasses.field(default_factory=list)  # earlier tasks (their images are NOT given)
+
+
+def build_settings(cls_settings: type, overrides: dict | None, where: str):
+    """Instantiate a settings dataclass from ``overrides``; unknown keys and wrong types are errors."""
+    overrides = dict(overrides or {})
+    fields = {f.name: f for f in dataclasses.fields(cls_settings)}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise UserError(f"{where}: unknown setting(s) {unknown}; known: {sorted(fields)}")
+    defaults = cls_settings()
+    for k, v in overrides.items():
+        want = type(getattr(defaults, k))
+        if want is float and isinstance(v, int) and not isinstance(v, bool):
+            overrides[k] = float(v)
+        elif want in (int, float, bool, str) and not isinstance(v, want):
+            raise UserError(f"{where}.{k}: expected {want.__name__}, got {v!r}")
+    return cls_settings(**overrides)
+
+
+class T2IMethod:
+    """Base class of text-to-image continual customization methods (track ``t2i``).
+
+    Subclasses must set ``paper`` and document the equation they implement in their docstring.
+    """
+
+    name: ClassVar[str]
+    track: ClassVar[str]
+    paper: ClassVar[str] = ""
+    Settings: ClassVar[type] = TrainSettings
+
+    def __init__(self, model, settings, seed: int = 0):
+        self.model = model
+        self.settings = settings
+        self.seed = seed
+        self.tasks_done = 0
+
+    # ---------------------------------------------------------------- hooks a method overrides
+    def begin_task(self, task: Task) -> None:
+        """Prepare the model for ``task`` (default: add its concept token, random-init)."""
+        g = torch.Generator().manual_seed(self.seed * 1000 + task.index)
+        self.model.add_concept_token(task.token, generator=g)
+
+    def param_groups(self) -> list[dict]:
+        raise NotImplementedError
+
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Default: the diffusion loss on the batch's latents and prompts. Must return key ``loss``."""
+        emb = self.model.encode_text(batch["prompts"])
+        return {"loss": self.model.diffusion_loss(batch["latents"], emb, generator=batch["generator"])}
+
+    def end_task(self, task: Task) -> None:
+        self.tasks_done = task.index
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors that rebuild the model after the tasks done so far (stored as safetensors)."""
+        raise NotImplementedError
+
+    def load_state(self, state: dict[str, torch.Tensor], tasks: list[Task]) -> None:
+        """Bring the freshly loaded backbone to the state after ``tasks`` (their images are empty)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- counts (N_train, N_store)
+    def n_trained(self) -> int:
+        """Parameters trained in one task."""
+        return sum(p.numel() for g in self.param_groups() for p in g["params"] if p.requires_grad)
+
+    def n_stored(self) -> int:
+        """Parameters stored in total after the tasks done (beyond the frozen backbone)."""
+        return sum(v.numel() for v in self.state_dict().values() if v.dim() > 0)
+
+    # ---------------------------------------------------------------- evaluation
+    def prompt(self, task: Task) -> str:
+        return task.prompt
+
+    def generate(self, task: Task, n: int, *, seed: int, **sample_kw) -> np.ndarray:
+        """``n`` images of ``task``'s concept with the current model."""
+        return self.model.generate([self.prompt(task)] * n, seed=seed, **sample_kw)
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "paper": self.paper, **dataclasses.asdict(self.settings)}

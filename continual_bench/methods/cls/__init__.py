@@ -1,0 +1,1 @@
+"""Class-incremental classification methods (track ``cls``)."""

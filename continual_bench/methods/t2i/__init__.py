@@ -1,0 +1,1 @@
+"""Text-to-image continual customization methods (track ``t2i``)."""

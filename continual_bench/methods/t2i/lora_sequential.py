@@ -1,0 +1,142 @@
+"""Sequential LoRA on the UNet's cross-attention key/value projections (the "LoRA" baseline of C-LoRA).
+
+Paper: Smith et al., "Continual Diffusion: Continual Customization of Text-to-Image Diffusion with
+C-LoRA", TMLR 2024 (arXiv 2304.06027), sec. 3.1 and the sequential-LoRA baseline of Table 1.
+LoRA itself: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022.
+
+Equation (C-LoRA eq. 1, with the self-regularization of eq. 2 switched off): for every cross-attention
+projection W in {W_K, W_V} (``attn2.to_k``, ``attn2.to_v``), task t trains a fresh low-rank pair on top
+of the frozen sum of the past ones,
+
+    W_t = W_init + sum_{t' < t} A_t' B_t' + A_t B_t,       L = L_diffusion,
+
+where peft stores the pair as ``lora_B @ lora_A`` (scaled by alpha / rank). The customized token is a new,
+randomly initialised embedding per concept and the prompt leaves out the class word ("a photo of <v1>",
+C-LoRA sec. 3.3); its embedding row trains with the LoRA. Nothing protects earlier concepts: this is the
+baseline whose forgetting C-LoRA's penalty (``c_lora``) is meant to reduce.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..base import T2IMethod, Task, TrainSettings
+from ..registry import register
+
+CROSS_ATTN_KV = ["attn2.to_k", "attn2.to_v"]  # suffix match: cross-attention only, not self-attention
+
+
+@dataclass
+class LoRASettings(TrainSettings):
+    rank: int = 4  # paper profile: 16 (C-LoRA sec. 4)
+    alpha: float = 4.0  # scaling alpha / rank
+    lr: float = 5e-3  # paper profile: 5e-4
+    token_lr: float = 2e-2  # the concept token's embedding row
+
+
+def lora_config(rank: int, alpha: float):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=CROSS_ATTN_KV)
+
+
+def lora_pairs(unet) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter, float]]:
+    """Module name -> (lora_A weight (r x in), lora_B weight (out x r), scaling) of the active adapter."""
+    out = {}
+    for name, mod in unet.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            out[name] = (mod.lora_A["default"].weight, mod.lora_B["default"].weight, mod.scaling["default"])
+    return out
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The weight update of one LoRA pair, ``scaling * B @ A`` (shape of the frozen weight)."""
+    return (b @ a) * scaling
+
+
+def add_to_weight(unet, module_name: str, delta: torch.Tensor) -> None:
+    """Fold a frozen update into the base weight of ``module_name`` (works on wrapped and plain modules)."""
+    mod = unet.get_submodule(module_name)
+    weight = mod.base_layer.weight if hasattr(mod, "base_layer") else mod.weight
+    with torch.no_grad():
+        weight += delta.to(weight.dtype)
+
+
+def freeze_all_but_token(model, token_ids: list[int]) -> torch.nn.Parameter:
+    """Make the embedding table trainable but zero every gradient row except ``token_ids``.
+
+    With Adam(W) and weight decay 0 a row whose gradient is always zero never moves, so only the
+    concept tokens train (the same trick as diffusers' textual-inversion/custom-diffusion examples).
+    """
+    emb = model.token_embeddings()
+    emb.requires_grad_(True)
+    mask = torch.zeros(emb.shape[0], 1, dtype=emb.dtype, device=emb.device)
+    mask[token_ids] = 1.0
+    emb.register_hook(lambda g: g * mask)
+    return emb
+
+
+@register("t2i", "lora_sequential")
+class LoRASequential(T2IMethod):
+    """Sequential LoRA (C-LoRA paper's baseline; Smith et al. TMLR 2024, eq. 1 without eq. 2's penalty).
+
+    W_t = W_init + sum_{t'<t} A_t' B_t' + A_t B_t on cross-attention K/V; loss = diffusion loss only.
+    """
+
+    paper = "Smith et al., Continual Diffusion (C-LoRA), TMLR 2024, arXiv:2304.06027 - sequential LoRA baseline"
+    Settings = LoRASettings
+
+    def __init__(self, model, settings, seed: int = 0):
+        super().__init__(model, settings, seed)
+        self.past: list[dict[str, torch.Tensor]] = []  # per finished task: {module: (A, B)} + token embedding
+        self.token_rows: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for i, entry in enumerate(self.past, start=1):
+            for k, v in entry.items():
+                state[f"task{i}.{k}"] = v.contiguous()
+        return state
+
+    def load_state(self, state: dict[str, torch.Tensor], tasks: list[Task]) -> None:
+        for task in tasks:
+            entry = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"task{task.index}.")}
+            self.model.add_concept_token(task.token, init=entry["token"])
+            self._fold(entry)
+            self.past.append(entry)
+        self.tasks_done = len(tasks)
+
+    def _fold(self, entry: dict[str, torch.Tensor]) -> None:
+        """Add a finished task's frozen product A_t B_t into the base weights."""
+        for key in [k for k in entry if k.endswith(".A")]:
+            module = key[: -len(".A")]
+            add_to_weight(self.model.unet, module, lora_delta(entry[key], entry[module + ".B"], entry[module + ".scaling"].item()))
+
+    # ------------------------------------------------------------------ training
+    def begin_task(self, task: Task) -> None:
+        super().begin_task(task)
+        torch.manual_seed(self.seed * 1000 + task.index)  # peft's gaussian init draws from the global RNG
+        self.model.unet.add_adapter(lora_config(self.settings.rank, self.settings.alpha))
+        self.token_id = self.model.token_id(task.token)
+        self.emb = freeze_all_but_token(self.model, [self.token_id])
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for a, b, _ in lora_pairs(self.model.unet).values() for p in (a, b)]
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": self.lora_parameters(), "lr": self.settings.lr, "weight_decay": self.settings.weight_decay},
+                {"params": [self.emb], "lr": self.settings.token_lr, "weight_decay": 0.0}]
+
+    def n_trained(self) -> int:
+        return sum(p.numel() for p in self.lora_parameters()) + self.emb.shape[1]
+
+    def end_task(self, task: Task) -> None:
+        entry = {"token": self.emb[self.token_id].detach().clone()}
+        for name, (a, b, scaling) in lora_pairs(self.model.unet).items():
+            entry[f"{name}.A"] = a.detach().clone()
+            entry[f"{name}.B"] = b.detach().clone()
+            entry[f"{name}.scaling"] = torch.tensor(float(scaling))
+        self.past.append(entry)
+        super().end_task(task)

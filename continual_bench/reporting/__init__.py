@@ -1,0 +1,1 @@
+"""Reporting: aggregate per-run metrics over seeds, write paper tables (CSV + LaTeX) and figures."""

@@ -1,0 +1,122 @@
+"""Figures: forgetting curves (metric of each concept after each task) and labelled sample grids.
+
+Both save a PNG and (by default) a PDF next to it, each written atomically.
+Curves show, per concept c and after task t, the mean over seeds of R[t, c] with a band of
+± one sample std (ddof=1) when there are >= 2 seeds.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from continual_bench.reporting.summary import direction  # noqa: E402
+from continual_bench.utils import UserError, atomic_path  # noqa: E402
+
+R_MATRIX_COLUMNS = ["benchmark", "n_tasks", "method", "seed", "after_task", "concept_index", "metric", "value"]
+
+
+def _save(fig: Figure, out_path: Path, pdf: bool) -> list[Path]:
+    """Save ``fig`` as ``out_path`` with suffix .png (and .pdf), atomically; return the paths."""
+    out_path = Path(out_path)
+    written = []
+    for fmt in ("png", "pdf") if pdf else ("png",):
+        path = out_path.with_suffix(f".{fmt}")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
+        written.append(path)
+    return written
+
+
+def forgetting_curves(r_matrix_df: pd.DataFrame, out_path: Path, metric: str, pdf: bool = True) -> list[Path]:
+    """One subplot per method; in each, one line per concept (concept_index = the task that
+    learned it) of ``metric`` vs ``after_task`` (1-based), mean over seeds ± sample std band.
+
+    ``r_matrix_df`` is long: benchmark, n_tasks, method, seed, after_task, concept_index, metric, value,
+    for a single (benchmark, n_tasks). Returns the written paths (PNG, PDF).
+    """
+    missing = [c for c in R_MATRIX_COLUMNS if c not in r_matrix_df.columns]
+    if missing:
+        raise UserError(f"R-matrix table lacks column(s) {', '.join(missing)}")
+    df = r_matrix_df[r_matrix_df["metric"] == metric]
+    if df.empty:
+        raise UserError(f"R-matrix table has no rows for metric {metric!r}")
+    settings = df[["benchmark", "n_tasks"]].drop_duplicates()
+    if len(settings) != 1:
+        raise UserError(f"forgetting_curves needs one (benchmark, n_tasks), got {len(settings)} for metric {metric!r}")
+    benchmark, n_tasks = settings.iloc[0]
+    stats = (
+        df.groupby(["method", "concept_index", "after_task"], sort=True)["value"]
+        .agg(mean="mean", std=lambda v: v.std(ddof=1), n="count")
+        .reset_index()
+    )
+    methods = list(pd.unique(df["method"]))
+    concepts = sorted(stats["concept_index"].unique())
+    colors = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, max(len(concepts), 1)))
+
+    fig = Figure(figsize=(3.2 * len(methods) + 0.8, 3.2), layout="constrained")
+    axes = fig.subplots(1, len(methods), sharey=True, squeeze=False)[0]
+    for ax, method in zip(axes, methods):
+        for color, c in zip(colors, concepts):
+            s = stats[(stats["method"] == method) & (stats["concept_index"] == c)]
+            if s.empty:
+                continue
+            x, y = s["after_task"].to_numpy(), s["mean"].to_numpy()
+            ax.plot(x, y, marker="o", ms=3, color=color, label=f"concept {c}")
+            band = (s["n"] >= 2).to_numpy()
+            if band.any():
+                sd = s["std"].to_numpy()
+                ax.fill_between(x[band], (y - sd)[band], (y + sd)[band], color=color, alpha=0.15, lw=0)
+        ax.set_title(method, fontsize=9)
+        ax.set_xlabel("after task")
+        ax.set_xticks(range(1, int(n_tasks) + 1))
+        ax.grid(alpha=0.3)
+    better = {"max": " (higher is better)", "min": " (lower is better)"}.get(direction(metric), "")
+    axes[0].set_ylabel(metric + better)
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(f"{benchmark}, {int(n_tasks)} tasks: {metric} per concept (mean over seeds)", fontsize=10)
+    return _save(fig, out_path, pdf)
+
+
+def sample_grid(images: np.ndarray, row_labels, col_labels, out_path: Path, title: str,
+                present: np.ndarray | None = None, pdf: bool = True) -> list[Path]:
+    """A labelled grid of samples: ``images`` is uint8 of shape (rows, cols, H, W, 3), rows =
+    concepts, columns = "after task t". Cells where ``present`` (bool, (rows, cols)) is False are
+    left empty. Returns the written paths (PNG, PDF).
+    """
+    images = np.asarray(images)
+    if images.ndim != 5 or images.shape[-1] != 3:
+        raise UserError(f"sample_grid images must have shape (rows, cols, H, W, 3), got {images.shape}")
+    rows, cols = images.shape[:2]
+    if len(row_labels) != rows or len(col_labels) != cols:
+        raise UserError(
+            f"sample_grid got {len(row_labels)} row / {len(col_labels)} column labels for a {rows}x{cols} grid"
+        )
+    present = np.ones((rows, cols), bool) if present is None else np.asarray(present, bool)
+    if present.shape != (rows, cols):
+        raise UserError(f"sample_grid present mask has shape {present.shape}, expected {(rows, cols)}")
+
+    fig = Figure(figsize=(1.1 * cols + 1.2, 1.1 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i in range(rows):
+        for j in range(cols):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if present[i, j]:
+                ax.imshow(images[i, j].astype(np.uint8), interpolation="nearest")
+            else:
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+            if i == 0:
+                ax.set_title(str(col_labels[j]), fontsize=8)
+            if j == 0:
+                ax.set_ylabel(str(row_labels[i]), fontsize=8, rotation=0, ha="right", va="center")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, out_path, pdf)

@@ -1,0 +1,190 @@
+"""Fast tests for continual_bench.reporting (summary, LaTeX/CSV tables, figures)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from continual_bench.reporting.figures import forgetting_curves, sample_grid
+from continual_bench.reporting.summary import (
+    SUMMARY_COLUMNS,
+    direction,
+    load_metrics,
+    summarize,
+    write_summary,
+)
+from continual_bench.reporting.tables import latex_escape, write_tables
+from continual_bench.utils import UserError
+
+# Hand-chosen per-seed values (seeds 0, 1, 2).
+VALUES = {
+    "lora_sequential": {"A_clip": [0.50, 0.60, 0.70], "A_mmd": [10.0, 12.0, 14.0], "N_train": [1_200_000] * 3},
+    "full_ft": {"A_clip": [0.80, 0.90, 1.00], "A_mmd": [11.0, 13.0, 18.0], "N_train": [85_000] * 3},
+}
+EXTRA = ",cfg,abc123,torch==x,0.1,3.11"
+
+
+def long_frame() -> pd.DataFrame:
+    rows = []
+    for method, metrics in VALUES.items():
+        for metric, vals in metrics.items():
+            for seed, v in enumerate(vals):
+                rows.append(dict(track="t2i", benchmark="toy_faces", n_tasks=5, method=method,
+                                 seed=seed, metric=metric, value=v))
+    return pd.DataFrame(rows)
+
+
+def write_run_files(tmp_path) -> list:
+    """One metrics.csv per (method, seed), as the runs write them."""
+    header = "track,benchmark,n_tasks,method,seed,metric,value,config_hash,git_commit,packages,continual_bench,python\n"
+    paths = []
+    df = long_frame()
+    for (method, seed), g in df.groupby(["method", "seed"], sort=False):
+        p = tmp_path / "runs" / method / str(seed) / "metrics.csv"
+        p.parent.mkdir(parents=True)
+        lines = [f"t2i,toy_faces,5,{method},{seed},{r.metric},{r.value}{EXTRA}\n" for r in g.itertuples()]
+        p.write_text(header + "".join(lines))
+        paths.append(p)
+    return paths
+
+
+def row(summary, method, metric):
+    r = summary[(summary.method == method) & (summary.metric == metric)]
+    assert len(r) == 1
+    return r.iloc[0]
+
+
+def test_summary_mean_std_and_columns(tmp_path):
+    df = load_metrics(write_run_files(tmp_path))
+    assert len(df) == 18
+    s = summarize(df)
+    assert list(s.columns) == SUMMARY_COLUMNS == [
+        "track", "benchmark", "n_tasks", "method", "metric", "mean", "std", "n_seeds"]
+    r = row(s, "lora_sequential", "A_mmd")
+    assert r["mean"] == pytest.approx(12.0) and r["std"] == pytest.approx(2.0) and r["n_seeds"] == 3
+    r = row(s, "full_ft", "A_mmd")  # deviations -3, -1, 4 -> var 26/2 = 13
+    assert r["mean"] == pytest.approx(14.0) and r["std"] == pytest.approx(math.sqrt(13.0))
+    r = row(s, "full_ft", "A_clip")
+    assert r["mean"] == pytest.approx(0.9) and r["std"] == pytest.approx(0.1)
+    assert row(s, "full_ft", "N_train")["std"] == 0.0
+    # methods keep order of first appearance
+    assert list(pd.unique(s.method)) == ["lora_sequential", "full_ft"]
+
+    out = tmp_path / "summary.csv"
+    write_summary(write_run_files(tmp_path / "again"), out)
+    back = pd.read_csv(out)
+    assert list(back.columns) == SUMMARY_COLUMNS and len(back) == 6
+
+
+def test_single_seed_std_is_zero():
+    df = long_frame()
+    s = summarize(df[df.seed == 0])
+    assert (s["std"] == 0.0).all() and (s["n_seeds"] == 1).all()
+
+
+def test_direction():
+    assert direction("A_clip") == "max" and direction("P_oracle") == "max"
+    assert direction("A_mmd") == "min" and direction("P_mmd") == "min"
+    assert direction("F_clip") == "min" and direction("F_whatever") == "min"
+    assert direction("takeover") == "min"
+    assert direction("N_train") is None and direction("N_other") is None
+    assert direction("A_N") == "max" and direction("F_N") == "min"
+    assert direction("mystery") is None
+
+
+def test_bad_files_raise_user_error(tmp_path):
+    no_value = tmp_path / "no_value_metrics.csv"
+    no_value.write_text("track,benchmark,n_tasks,method,seed,metric\nt2i,toy_faces,5,m,0,A_mmd\n")
+    with pytest.raises(UserError, match="no_value_metrics.csv") as err:
+        load_metrics([no_value])
+    assert "value" in str(err.value) and "\n" not in str(err.value)
+
+    text_value = tmp_path / "text_value_metrics.csv"
+    text_value.write_text("track,benchmark,n_tasks,method,seed,metric,value\nt2i,toy_faces,5,m,0,A_mmd,twelve\n")
+    with pytest.raises(UserError, match="text_value_metrics.csv") as err:
+        load_metrics([text_value])
+    assert "twelve" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_tables_latex_bold_escape_and_welch(tmp_path):
+    per_seed = long_frame()
+    written = write_tables(summarize(per_seed), tmp_path / "tables", per_seed_df=per_seed)
+    assert [p.name for p in written] == ["toy_faces_T5.csv", "toy_faces_T5.tex"]
+    tex = written[1].read_text()
+
+    assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
+    assert r"lora\_sequential" in tex and "lora_sequential" not in tex
+    assert r"toy\_faces, 5 tasks, mean $\pm$ std over 3 seeds" in tex
+    assert tex.startswith("%") and "Welch" in tex.splitlines()[1]
+    # header: fixed order N_train, A_mmd, A_clip with arrows
+    assert r"Method & N\_train & A\_mmd $\downarrow$ & A\_clip $\uparrow$ \\" in tex
+    # max metric: full_ft best; min metric: lora_sequential best
+    assert r"\textbf{0.90 $\pm$ 0.10}" in tex
+    assert r"\textbf{12.00 $\pm$ 2.00}" in tex
+    assert r"\textbf{0.60" not in tex and r"\textbf{14.00" not in tex
+    # Welch: full_ft A_mmd (14 ± 3.61 vs 12 ± 2) overlaps the best -> underlined;
+    # lora_sequential A_clip (0.6 vs 0.9, std 0.1, p ~ 0.02) is clearly worse -> not underlined.
+    assert r"\underline{14.00 $\pm$ 3.61}" in tex
+    assert r"\underline{0.60" not in tex and r"0.60 $\pm$ 0.10" in tex
+    # parameter counts compact, no std, no bold (no direction)
+    assert "1.2M" in tex and "85.0K" in tex and r"\textbf{1.2M}" not in tex
+
+    wide = pd.read_csv(written[0])
+    assert list(wide.columns) == ["method", "N_train", "N_train_std", "A_mmd", "A_mmd_std", "A_clip", "A_clip_std"]
+    assert wide.loc[wide.method == "full_ft", "A_mmd_std"].item() == pytest.approx(math.sqrt(13.0))
+
+
+def test_tables_without_per_seed_have_no_underline(tmp_path):
+    written = write_tables(summarize(long_frame()), tmp_path)
+    tex = written[1].read_text()
+    assert r"\underline" not in tex and "Welch" not in tex
+
+
+def test_latex_escape():
+    assert latex_escape("a_b&c%d$e#f{g}") == r"a\_b\&c\%d\$e\#f\{g\}"
+
+
+def test_forgetting_curves_png(tmp_path):
+    rows = []
+    for method in ["lora_sequential", "full_ft"]:
+        for seed in range(2):
+            for t in range(1, 4):
+                for c in range(1, t + 1):
+                    rows.append(dict(benchmark="toy_faces", n_tasks=3, method=method, seed=seed,
+                                     after_task=t, concept_index=c, metric="A_oracle",
+                                     value=1.0 - 0.2 * (t - c) + 0.01 * seed))
+    written = forgetting_curves(pd.DataFrame(rows), tmp_path / "curves.png", "A_oracle")
+    assert [p.suffix for p in written] == [".png", ".pdf"]
+    assert all(p.stat().st_size > 0 for p in written)
+    assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(UserError, match="A_clip"):
+        forgetting_curves(pd.DataFrame(rows), tmp_path / "none.png", "A_clip")
+
+
+def test_sample_grid_png(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(3, 3, 8, 8, 3), dtype=np.uint8)
+    present = np.tril(np.ones((3, 3), bool)).T  # concept c appears from task c on
+    written = sample_grid(images, ["c1", "c2", "c3"], ["T1", "T2", "T3"], tmp_path / "grid.png",
+                          "lora_sequential", present=present)
+    assert written[0].name == "grid.png" and written[0].stat().st_size > 0
+    assert written[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_duplicate_run_raises_user_error(tmp_path):
+    paths = write_run_files(tmp_path)
+    with pytest.raises(UserError, match="duplicate metric row") as err:
+        load_metrics([paths[0], paths[0]])
+    assert str(paths[0]) in str(err.value)
+
+
+def test_cls_track_order_and_unknown_metric(tmp_path):
+    rows = [dict(track="cls", benchmark="toy_cls", n_tasks=2, method=m, seed=s, metric=k, value=v)
+            for m, base in [("a", 0.5), ("b", 0.7)] for s in range(2)
+            for k, v in [("zeta", 1.0 + s), ("F_N", base / 2 + s / 10), ("A_N", base + s / 10)]]
+    written = write_tables(summarize(pd.DataFrame(rows)), tmp_path)
+    assert list(pd.read_csv(written[0]).columns) == ["method", "A_N", "A_N_std", "F_N", "F_N_std", "zeta", "zeta_std"]
+    tex = written[1].read_text()
+    assert r"Method & A\_N $\uparrow$ & F\_N $\downarrow$ & zeta \\" in tex

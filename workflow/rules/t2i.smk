@@ -1,0 +1,90 @@
+# Continual customization runs: train (resumable, one checkpoint per task) -> generate -> evaluate.
+# Checkpoints live next to train.json but are not declared outputs, so Snakemake never deletes them
+# when a job is killed: the rerun resumes at the first task without a checkpoint.
+RUN_DIR = "{results}/runs/{benchmark}/T{n_tasks}/{method}/seed{seed}"
+RUN_ARGS = ("--backbone {params.backbone} --data {params.data} --benchmark {wildcards.benchmark} "
+            "--method {wildcards.method} --n-tasks {wildcards.n_tasks} --seed {wildcards.seed} "
+            "--settings {params.settings:q} --ckpt-dir {params.ckpt} --device {config[device]}")
+
+
+def backbone_input(w):
+    return f"{t2i_backbone()}/model_index.json"
+
+
+rule train:
+    input:
+        backbone=backbone_input,
+        data=lambda w: f"{data_dir(w.benchmark)}/manifest.csv",
+    output:
+        f"{RUN_DIR}/train.json",
+    log:
+        f"{RUN_DIR}/logs/train.log",
+    params:
+        backbone=lambda w: t2i_backbone(),
+        data=lambda w: data_dir(w.benchmark),
+        settings=method_settings,
+        ckpt=lambda w, output: str(Path(output[0]).parent / "checkpoints"),
+    threads: config["threads_per_run"]
+    resources:
+        gpu=1,
+    conda:
+        CONDA_ENV
+    shell:
+        "{CB} --threads {threads} train " + RUN_ARGS + " --out {output} 2> {log}"
+
+
+rule generate:
+    input:
+        rules.train.output,
+        backbone=backbone_input,
+    output:
+        f"{RUN_DIR}/samples.npz",
+    log:
+        f"{RUN_DIR}/logs/generate.log",
+    params:
+        backbone=lambda w: t2i_backbone(),
+        data=lambda w: data_dir(w.benchmark),
+        settings=method_settings,
+        ckpt=lambda w, output: str(Path(output[0]).parent / "checkpoints"),
+        full=lambda w: "--full-matrix" if config["evaluation"]["full_matrix"] else "",
+        ev=config["evaluation"],
+    threads: config["threads_per_run"]
+    resources:
+        gpu=1,
+    conda:
+        CONDA_ENV
+    shell:
+        "{CB} --threads {threads} generate " + RUN_ARGS + " --out {output} --n-samples {params.ev[n_samples]} "
+        "--sample-steps {params.ev[sample_steps]} --guidance {params.ev[guidance]} {params.full} 2> {log}"
+
+
+def oracle_input(w):
+    return f"{TOY}/oracle/{w.benchmark}/oracle.json" if config["world"] == "toy" else []
+
+
+rule evaluate:
+    input:
+        train=rules.train.output,
+        samples=rules.generate.output,
+        judge=lambda w: f"{judge_dir()}/open_clip_config.json",
+        oracle=oracle_input,
+    output:
+        metrics=f"{RUN_DIR}/metrics.csv",
+        R=f"{RUN_DIR}/R.csv",
+        figure="{results}/figures/samples_{benchmark}_T{n_tasks}_{method}_seed{seed}.png",
+    log:
+        f"{RUN_DIR}/logs/evaluate.log",
+    params:
+        data=lambda w: data_dir(w.benchmark),
+        judge=lambda w: judge_dir(),
+        oracle=lambda w, input: f"--oracle {Path(input.oracle).parent}" if input.oracle else "",
+        ev=eval_settings(),
+    threads: config["threads_per_run"]
+    conda:
+        CONDA_ENV
+    shell:
+        "{CB} --threads {threads} evaluate --train-json {input.train} --samples {input.samples} "
+        "--data {params.data} --judge {params.judge} {params.oracle} --benchmark {wildcards.benchmark} "
+        "--method {wildcards.method} --n-tasks {wildcards.n_tasks} --seed {wildcards.seed} "
+        "--eval-settings {params.ev:q} --out-metrics {output.metrics} --out-R {output.R} "
+        "--figure {output.figure} 2> {log}"
