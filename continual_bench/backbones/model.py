@@ -46,7 +46,7 @@ class T2IModel:
         if token in self.tokenizer.get_vocab():
             raise ValueError(f"token {token!r} already exists in the tokenizer")
         self.tokenizer.add_tokens([token])
-        self.text_encoder.resize_token_embeddings(len(self.tokenizer))
+        self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
         emb = self.text_encoder.get_input_embeddings().weight
         tid = self.tokenizer.convert_tokens_to_ids(token)
         with torch.no_grad():

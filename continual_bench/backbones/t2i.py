@@ -133,7 +133,7 @@ def load_pipeline(path: str | Path, device: str = "cpu", dtype: torch.dtype = to
         raise UserError(f"{path}: not a diffusers pipeline directory (no model_index.json); "
                         "run the backbone rule first (snakemake resources/...)")
     pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False,
-                                                   torch_dtype=dtype, local_files_only=True)
+                                                   dtype=dtype, local_files_only=True)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -86,7 +86,7 @@ def train_toy_judge(data_dirs, out_dir, *, steps: int = 600, batch_size: int = 1
 
     seed_everything(seed)
     x, captions = _generic_images(data_dirs)
-    model = open_clip.CLIP(**TOY_JUDGE_CFG)
+    model = open_clip.CLIP(**TOY_JUDGE_CFG, output_dict=True)
     tokenizer = open_clip.SimpleTokenizer(context_length=TOY_JUDGE_CFG["text_cfg"]["context_length"])
     tokens = tokenizer(captions)
     mean = torch.tensor(TOY_PREPROCESS["mean"]).view(1, 3, 1, 1)

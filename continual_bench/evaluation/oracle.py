@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..data.datasets import PreparedDataset
+from ..data.datasets import PreparedDataset, load_images
 from ..utils import UserError, atomic_path, atomic_write_json, seed_everything, stable_seed
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,8 @@ def train_oracle(data_dir, out_dir, *, epochs: int = 30, batch_size: int = 64, l
                  n_generic: int = 400, seed: int = 0) -> dict:
     """Train on every concept's images (train + eval split) and ``n_generic`` generic images.
 
+    Generic images of people who share a concept's named attributes (same caption) are left out: the
+    oracle decides *which concept's attributes* an image shows, so such a person counts as that concept.
     A quarter of each class is held out to report the oracle's own accuracy (``val_acc``), then the
     final model is the one trained on the rest: the oracle must be trustworthy, so its accuracy is
     recorded next to it and in the run's provenance.
@@ -97,8 +99,9 @@ def train_oracle(data_dir, out_dir, *, epochs: int = 30, batch_size: int = 64, l
     for ci, c in enumerate(classes):
         recs = ds.records(concept=c)
         if c == GENERIC:
+            concept_captions = {r.caption for r in ds.records() if r.concept != GENERIC}
+            recs = [r for r in recs if r.caption not in concept_captions]
             recs = [recs[i] for i in rng.permutation(len(recs))[:n_generic]]
-        from ..data.datasets import load_images
 
         xs.append(load_images([r.path for r in recs]))
         ys.append(torch.full((len(recs),), ci))

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny worlds and a tiny random-weight pipeline (seconds to build)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# hermetic caches for anything a test imports
+for var, sub in (("HF_HOME", "huggingface"), ("TORCH_HOME", "torch"), ("XDG_CACHE_HOME", "xdg"),
+                 ("MPLCONFIGDIR", "matplotlib")):
+    os.environ.setdefault(var, str(REPO / ".cache" / sub))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("CONTINUAL_BENCH_NO_TQDM", "1")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    from continual_bench.data.toy import write_world
+
+    root = tmp_path_factory.mktemp("world")
+    write_world("toy_faces", root / "toy_faces", seed=0, n_concepts=4, n_train=6, n_eval=4, n_generic=24,
+                n_generic_ids=12)
+    return root / "toy_faces"
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from continual_bench.backbones.t2i import ToyT2IConfig
+
+    return ToyT2IConfig(vae_channels=(8, 16), text_width=32, text_layers=1, text_heads=2, unet_channels=(32, 32),
+                        attention_head_dim=16)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from continual_bench.backbones.t2i import write_clip_tokenizer
+
+    return write_clip_tokenizer(tmp_path_factory.mktemp("tok"), model_max_length=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, tiny_cfg, tokenizer_dir) -> Path:
+    """A random-weight toy StableDiffusionPipeline saved with save_pretrained."""
+    from continual_bench.backbones import t2i
+
+    torch.manual_seed(0)
+    tok = t2i.load_tokenizer(tokenizer_dir)
+    out = tmp_path_factory.mktemp("pipe") / "sd"
+    t2i.save_pipeline(t2i.build_toy_vae(tiny_cfg), t2i.build_toy_text_encoder(tiny_cfg, tok), tok,
+                      t2i.build_toy_unet(tiny_cfg, 16), out)
+    return out

@@ -1,0 +1,49 @@
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from continual_bench.backbones import t2i
+from continual_bench.backbones.model import T2IModel
+from continual_bench.utils import UserError
+
+
+@pytest.mark.parametrize("text", ["a photo of a person with long blonde hair, tan skin and a red shirt",
+                                  "a photo of a waterfall with two wide falls!", "Ünïcode and  spaces"])
+def test_tokenizer_ids_equal_openai_clip(tokenizer_dir, text):
+    ours = t2i.load_tokenizer(tokenizer_dir)
+    ref = open_clip.SimpleTokenizer()(text)[0].tolist()
+    ids = ours(text).input_ids
+    assert len(ours) == 49408
+    assert ids == ref[: len(ids)] and ref[len(ids)] == 0
+    assert ours.model_max_length == 16
+
+
+def test_pipeline_round_trip(tiny_pipeline):
+    m1 = T2IModel.from_pretrained(tiny_pipeline)
+    m2 = T2IModel.from_pretrained(tiny_pipeline)
+    assert type(m1.pipe).__name__ == "StableDiffusionPipeline"
+    assert m1.image_size == 32
+    a = m1.generate(["a photo of a person"] * 2, seed=1, steps=2)
+    b = m2.generate(["a photo of a person"] * 2, seed=1, steps=2)
+    assert a.shape == (2, 32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    for p1, p2 in zip(m1.unet.parameters(), m2.unet.parameters()):
+        assert torch.equal(p1, p2)
+
+
+def test_missing_pipeline_is_clear(tmp_path):
+    with pytest.raises(UserError, match="model_index.json"):
+        T2IModel.from_pretrained(tmp_path)
+
+
+def test_add_concept_token(tiny_pipeline):
+    m = T2IModel.from_pretrained(tiny_pipeline)
+    n = len(m.tokenizer)
+    tid = m.add_concept_token("<v1>", generator=torch.Generator().manual_seed(0))
+    assert tid == n and m.token_embeddings().shape[0] == n + 1
+    assert m.tokenize(["a photo of <v1>"])[0].tolist().count(tid) == 1  # one token, not split by BPE
+    emb = m.token_embeddings()
+    assert 0.2 < emb[tid].std().item() / emb[:-1].std().item() < 5  # random init at the table's scale
+    with pytest.raises(ValueError):
+        m.add_concept_token("<v1>")

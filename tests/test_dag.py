@@ -1,0 +1,103 @@
+"""The whole DAG on a minimal config in a temporary directory: tables, a no-op second run, kill + resume."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CI_CONFIG = REPO / "config" / "ci.yaml"
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 400, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(CI_CONFIG), "--cores", "2", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    if check and res.returncode != 0:
+        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in workdir.rglob("*.log"))
+        raise AssertionError(f"snakemake failed ({res.returncode}):\n{res.stderr[-6000:]}\n{logs}")
+    return res
+
+
+def _env() -> dict:
+    env = dict(os.environ, CONTINUAL_BENCH_NO_TQDM="1")
+    for var, sub in (("HF_HOME", "huggingface"), ("TORCH_HOME", "torch"), ("XDG_CACHE_HOME", "xdg"),
+                     ("MPLCONFIGDIR", "matplotlib")):
+        env.setdefault(var, str(REPO / ".cache" / sub))
+    return env
+
+
+@pytest.fixture(scope="module")
+def dag(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("dag")
+    snakemake(work)
+    return work
+
+
+def test_tables_and_summary(dag):
+    res = dag / "results" / "ci"
+    summary = pd.read_csv(res / "summary.csv")
+    assert list(summary.columns) == ["track", "benchmark", "n_tasks", "method", "metric", "mean", "std", "n_seeds"]
+    metrics = set(summary.metric)
+    assert {"A_mmd", "F_mmd", "A_clip", "F_clip", "N_train", "N_store", "P_oracle", "A_oracle", "F_oracle",
+            "P_mmd", "P_clip", "takeover"} <= metrics
+    row = summary[(summary.metric == "N_train")].iloc[0]
+    assert (row.track, row.benchmark, row.n_tasks, row.method, row.n_seeds) == ("t2i", "toy_faces", 2, "lora_sequential", 1)
+    assert row["mean"] > 0
+    table = pd.read_csv(res / "tables" / "toy_faces_T2.csv")
+    assert list(table.method) == ["lora_sequential"]
+    tex = (res / "tables" / "toy_faces_T2.tex").read_text()
+    assert "\\toprule" in tex and "lora\\_sequential" in tex and "A_mmd" not in tex.replace("A\\_mmd", "")
+    assert (res / "figures" / "samples_toy_faces_T2_lora_sequential_seed0.png").stat().st_size > 1000
+    per_run = pd.read_csv(res / "runs/toy_faces/T2/lora_sequential/seed0/metrics.csv")
+    for col in ("config_hash", "git_commit", "packages", "seed"):
+        assert per_run[col].notna().all() and col in per_run
+    assert "torch=" in per_run.packages.iloc[0]
+
+
+def test_second_run_has_nothing_to_do(dag):
+    res = snakemake(dag, "-n")
+    assert "Nothing to be done" in res.stdout + res.stderr
+
+
+def test_bad_config_key_is_named(dag):
+    res = snakemake(dag, "-n", "--config", "n_taks=[3]", check=False)
+    assert res.returncode != 0 and "n_taks" in res.stderr
+    res = snakemake(dag, "-n", "--config", "seeds=[-1]", check=False)
+    assert res.returncode != 0 and "seeds" in res.stderr
+
+
+def _values(path: Path) -> pd.Series:
+    df = pd.read_csv(path)
+    return df.set_index("metric")["value"]
+
+
+def test_kill_mid_training_resumes_with_identical_metrics(dag):
+    over = ["--config", "n_tasks=[3]", "method_settings={lora_sequential: {steps: 60, batch_size: 4, rank: 2}}"]
+    ckpt = dag / "results/resume/runs/toy_faces/T3/lora_sequential/seed0/checkpoints"
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(dag),
+           "--configfile", str(CI_CONFIG), "--cores", "2", "--config", "run_name=resume", *over[1:]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while not (ckpt / "task_001" / "meta.json").exists():
+        assert proc.poll() is None, "snakemake ended before the first task finished"
+        assert time.time() < deadline, "no checkpoint of task 1 in time"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job tree, as a crash or scancel would
+    proc.wait()
+    assert not (ckpt / "task_003").exists()
+    snakemake(dag, "--unlock", "--config", "run_name=resume", *over[1:])
+    snakemake(dag, "--config", "run_name=resume", *over[1:])
+    log = (ckpt.parent / "logs" / "train.log").read_text()
+    assert "task 1 (" in log and "checkpoint found, skipping" in log
+    snakemake(dag, "--config", "run_name=straight", *over[1:])
+    resumed = _values(dag / "results/resume/runs/toy_faces/T3/lora_sequential/seed0/metrics.csv")
+    straight = _values(dag / "results/straight/runs/toy_faces/T3/lora_sequential/seed0/metrics.csv")
+    pd.testing.assert_series_equal(resumed, straight)
