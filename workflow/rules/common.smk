@@ -14,17 +14,17 @@ for _var, _sub in (("HF_HOME", "huggingface"), ("TORCH_HOME", "torch"), ("XDG_CA
 RUN = config["run_name"]
 RESULTS = f"results/{RUN}"
 LOGS = f"{RESULTS}/logs"
-# The package's CLI, run from this checkout (so it also works inside --use-conda envs, which hold the
-# dependencies but not the package itself).
-# Without --use-conda the jobs use the Python that runs Snakemake (the project's venv).
+# Rules call the package's CLI, `continual-bench`, defined for every job as a shell function that runs
+# this checkout's package: inside --use-conda envs (which hold the dependencies, not the package) with the
+# env's python, otherwise with the Python that runs Snakemake (the project's venv).
 _PY = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else sys.executable
-CB = f"PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}} {_PY} -m continual_bench"
+shell.executable("bash")
+_CLI = (f'continual-bench() {{ PYTHONPATH="{workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}}" '
+        f'"{_PY}" -m continual_bench "$@"; }}; ')
+_CLI = _CLI.replace("{", "{{").replace("}", "}}")  # Snakemake formats the prefix like the command
+shell.prefix(f"set -euo pipefail; {_CLI}")
 CONDA_ENV = "../envs/continual-bench.yaml"
 TOY = "resources/toy"
-
-
-def run_dir(w):
-    return f"{RESULTS}/runs/{w.benchmark}/T{w.n_tasks}/{w.method}/seed{w.seed}"
 
 
 def t2i_backbone():
@@ -55,6 +55,23 @@ def run_targets(pattern):
 def all_outputs():
     return [f"{RESULTS}/summary.csv"] + run_targets(
         "{results}/figures/samples_{benchmark}_T{n_tasks}_{method}_seed{seed}.png")
+
+
+def toy(key):
+    return config["toy"][key]
+
+
+def toy_dirs(input_files):
+    """Dataset folders of the manifest files among a rule's inputs."""
+    return " ".join(str(Path(f).parent) for f in input_files if f.endswith("manifest.csv"))
+
+
+def backbone_input(w):
+    return f"{t2i_backbone()}/model_index.json"
+
+
+def oracle_input(w):
+    return f"{TOY}/oracle/{w.benchmark}/oracle.json" if config["world"] == "toy" else []
 
 
 wildcard_constraints:

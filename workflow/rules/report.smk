@@ -8,7 +8,9 @@ rule tables:
         summary=report(f"{RESULTS}/summary.csv", category="Results"),
     log:
         f"{LOGS}/tables.log",
+    params:
+        run_dir=lambda w, output: Path(output.summary).parent,
     conda:
         CONDA_ENV
     shell:
-        "{CB} tables {RESULTS} --metrics {input} 2> {log}"
+        "continual-bench tables {params.run_dir} --metrics {input} 2> {log}"

@@ -2,14 +2,6 @@
 # Checkpoints live next to train.json but are not declared outputs, so Snakemake never deletes them
 # when a job is killed: the rerun resumes at the first task without a checkpoint.
 RUN_DIR = "{results}/runs/{benchmark}/T{n_tasks}/{method}/seed{seed}"
-RUN_ARGS = ("--backbone {params.backbone} --data {params.data} --benchmark {wildcards.benchmark} "
-            "--method {wildcards.method} --n-tasks {wildcards.n_tasks} --seed {wildcards.seed} "
-            "--settings {params.settings:q} --ckpt-dir {params.ckpt} --device {config[device]}")
-
-
-def backbone_input(w):
-    return f"{t2i_backbone()}/model_index.json"
-
 
 rule train:
     input:
@@ -23,14 +15,19 @@ rule train:
         backbone=lambda w: t2i_backbone(),
         data=lambda w: data_dir(w.benchmark),
         settings=method_settings,
-        ckpt=lambda w, output: str(Path(output[0]).parent / "checkpoints"),
+        ckpt=lambda w, output: Path(output[0]).with_name("checkpoints"),
+        device=config["device"],
     threads: config["threads_per_run"]
     resources:
         gpu=1,
     conda:
         CONDA_ENV
     shell:
-        "{CB} --threads {threads} train " + RUN_ARGS + " --out {output} 2> {log}"
+        "continual-bench --threads {threads} train "
+        "--backbone {params.backbone} --data {params.data} --benchmark {wildcards.benchmark} "
+        "--method {wildcards.method} --n-tasks {wildcards.n_tasks} --seed {wildcards.seed} "
+        "--settings {params.settings:q} --ckpt-dir {params.ckpt} --device {params.device} "
+        "--out {output} 2> {log}"
 
 
 rule generate:
@@ -45,7 +42,8 @@ rule generate:
         backbone=lambda w: t2i_backbone(),
         data=lambda w: data_dir(w.benchmark),
         settings=method_settings,
-        ckpt=lambda w, output: str(Path(output[0]).parent / "checkpoints"),
+        ckpt=lambda w, output: Path(output[0]).with_name("checkpoints"),
+        device=config["device"],
         full=lambda w: "--full-matrix" if config["evaluation"]["full_matrix"] else "",
         ev=config["evaluation"],
     threads: config["threads_per_run"]
@@ -54,12 +52,12 @@ rule generate:
     conda:
         CONDA_ENV
     shell:
-        "{CB} --threads {threads} generate " + RUN_ARGS + " --out {output} --n-samples {params.ev[n_samples]} "
+        "continual-bench --threads {threads} generate "
+        "--backbone {params.backbone} --data {params.data} --benchmark {wildcards.benchmark} "
+        "--method {wildcards.method} --n-tasks {wildcards.n_tasks} --seed {wildcards.seed} "
+        "--settings {params.settings:q} --ckpt-dir {params.ckpt} --device {params.device} "
+        "--out {output} --n-samples {params.ev[n_samples]} "
         "--sample-steps {params.ev[sample_steps]} --guidance {params.ev[guidance]} {params.full} 2> {log}"
-
-
-def oracle_input(w):
-    return f"{TOY}/oracle/{w.benchmark}/oracle.json" if config["world"] == "toy" else []
 
 
 rule evaluate:
@@ -83,7 +81,7 @@ rule evaluate:
     conda:
         CONDA_ENV
     shell:
-        "{CB} --threads {threads} evaluate --train-json {input.train} --samples {input.samples} "
+        "continual-bench --threads {threads} evaluate --train-json {input.train} --samples {input.samples} "
         "--data {params.data} --judge {params.judge} {params.oracle} --benchmark {wildcards.benchmark} "
         "--method {wildcards.method} --n-tasks {wildcards.n_tasks} --seed {wildcards.seed} "
         "--eval-settings {params.ev:q} --out-metrics {output.metrics} --out-R {output.R} "

@@ -1,5 +1,6 @@
 # The toy world: procedurally generated data and the tiny backbones, pretrained once and cached.
-T = config["toy"]
+TOY_BENCHMARKS = ["toy_faces", "toy_landmarks"]
+TOY_DATA = expand("data/toy/{benchmark}/manifest.csv", benchmark=TOY_BENCHMARKS)
 
 
 rule toy_data:
@@ -8,17 +9,14 @@ rule toy_data:
     log:
         "logs/toy/data_{benchmark}.log",
     params:
-        out=lambda w: f"data/toy/{w.benchmark}",
+        out=lambda w, output: Path(output[0]).parent,
+        cfg=config["toy"],
     conda:
         CONDA_ENV
     shell:
-        "{CB} make-toy-data --world {wildcards.benchmark} --out {params.out} --seed {T[data_seed]} "
-        "--n-concepts {T[n_concepts]} --n-train {T[n_train]} --n-eval {T[n_eval]} "
-        "--n-generic {T[n_generic]} --n-generic-ids {T[n_generic_ids]} 2> {log}"
-
-
-TOY_DATA = expand("data/toy/{benchmark}/manifest.csv", benchmark=["toy_faces", "toy_landmarks"])
-TOY_DIRS = " ".join(f"data/toy/{b}" for b in ["toy_faces", "toy_landmarks"])
+        "continual-bench make-toy-data --world {wildcards.benchmark} --out {params.out} --seed {params.cfg[data_seed]} "
+        "--n-concepts {params.cfg[n_concepts]} --n-train {params.cfg[n_train]} --n-eval {params.cfg[n_eval]} "
+        "--n-generic {params.cfg[n_generic]} --n-generic-ids {params.cfg[n_generic_ids]} 2> {log}"
 
 
 rule toy_tokenizer:
@@ -26,10 +24,12 @@ rule toy_tokenizer:
         f"{TOY}/tokenizer/vocab.json",
     log:
         "logs/toy/tokenizer.log",
+    params:
+        out=lambda w, output: Path(output[0]).parent,
     conda:
         CONDA_ENV
     shell:
-        "{CB} write-tokenizer --out {TOY}/tokenizer --max-length 32 2> {log}"
+        "continual-bench write-tokenizer --out {params.out} --max-length 32 2> {log}"
 
 
 rule toy_vae:
@@ -39,45 +39,62 @@ rule toy_vae:
         f"{TOY}/vae/config.json",
     log:
         "logs/toy/vae.log",
+    params:
+        data=lambda w, input: toy_dirs(input),
+        out=lambda w, output: Path(output[0]).parent,
+        steps=toy("vae_steps"),
     threads: workflow.cores
     conda:
         CONDA_ENV
     shell:
-        "{CB} --threads {threads} pretrain-vae --data {TOY_DIRS} --out {TOY}/vae --steps {T[vae_steps]} 2> {log}"
+        "continual-bench --threads {threads} pretrain-vae --data {params.data} --out {params.out} --steps {params.steps} 2> {log}"
 
 
 rule toy_text_encoder:
     input:
         TOY_DATA,
-        f"{TOY}/tokenizer/vocab.json",
+        tok=f"{TOY}/tokenizer/vocab.json",
     output:
         f"{TOY}/text_encoder/config.json",
     log:
         "logs/toy/text_encoder.log",
+    params:
+        data=lambda w, input: toy_dirs(input),
+        tok=lambda w, input: Path(input.tok).parent,
+        out=lambda w, output: Path(output[0]).parent,
+        steps=toy("text_encoder_steps"),
     threads: workflow.cores
     conda:
         CONDA_ENV
     shell:
-        "{CB} --threads {threads} pretrain-text-encoder --data {TOY_DIRS} --tokenizer {TOY}/tokenizer "
-        "--out {TOY}/text_encoder --steps {T[text_encoder_steps]} 2> {log}"
+        "continual-bench --threads {threads} pretrain-text-encoder --data {params.data} --tokenizer {params.tok} "
+        "--out {params.out} --steps {params.steps} 2> {log}"
 
 
 rule toy_t2i:
     input:
         TOY_DATA,
-        f"{TOY}/vae/config.json",
-        f"{TOY}/text_encoder/config.json",
+        vae=f"{TOY}/vae/config.json",
+        te=f"{TOY}/text_encoder/config.json",
+        tok=f"{TOY}/tokenizer/vocab.json",
     output:
         f"{TOY}/sd-tiny/model_index.json",
     log:
         "logs/toy/t2i.log",
+    params:
+        data=lambda w, input: toy_dirs(input),
+        vae=lambda w, input: Path(input.vae).parent,
+        te=lambda w, input: Path(input.te).parent,
+        tok=lambda w, input: Path(input.tok).parent,
+        out=lambda w, output: Path(output[0]).parent,
+        steps=toy("t2i_steps"),
+        batch=toy("t2i_batch_size"),
     threads: workflow.cores
     conda:
         CONDA_ENV
     shell:
-        "{CB} --threads {threads} pretrain-t2i --data {TOY_DIRS} --vae {TOY}/vae --tokenizer {TOY}/tokenizer "
-        "--text-encoder {TOY}/text_encoder --out {TOY}/sd-tiny --steps {T[t2i_steps]} "
-        "--batch-size {T[t2i_batch_size]} 2> {log}"
+        "continual-bench --threads {threads} pretrain-t2i --data {params.data} --vae {params.vae} --tokenizer {params.tok} "
+        "--text-encoder {params.te} --out {params.out} --steps {params.steps} --batch-size {params.batch} 2> {log}"
 
 
 rule toy_judge:
@@ -87,11 +104,15 @@ rule toy_judge:
         f"{TOY}/judge/open_clip_config.json",
     log:
         "logs/toy/judge.log",
+    params:
+        data=lambda w, input: toy_dirs(input),
+        out=lambda w, output: Path(output[0]).parent,
+        steps=toy("judge_steps"),
     threads: 1
     conda:
         CONDA_ENV
     shell:
-        "{CB} --threads {threads} train-judge --data {TOY_DIRS} --out {TOY}/judge --steps {T[judge_steps]} 2> {log}"
+        "continual-bench --threads {threads} train-judge --data {params.data} --out {params.out} --steps {params.steps} 2> {log}"
 
 
 rule toy_oracle:
@@ -101,9 +122,12 @@ rule toy_oracle:
         f"{TOY}/oracle/{{benchmark}}/oracle.json",
     log:
         "logs/toy/oracle_{benchmark}.log",
+    params:
+        data=lambda w, input: Path(input[0]).parent,
+        out=lambda w, output: Path(output[0]).parent,
+        epochs=toy("oracle_epochs"),
     threads: 1
     conda:
         CONDA_ENV
     shell:
-        "{CB} --threads {threads} train-oracle --data data/toy/{wildcards.benchmark} "
-        "--out {TOY}/oracle/{wildcards.benchmark} --epochs {T[oracle_epochs]} 2> {log}"
+        "continual-bench --threads {threads} train-oracle --data {params.data} --out {params.out} --epochs {params.epochs} 2> {log}"
