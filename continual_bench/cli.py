@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, steps, bs in (("pretrain-vae", cmd_pretrain_vae, 1600, 16),
                                   ("pretrain-text-encoder", cmd_pretrain_text_encoder, 400, 128),
-                                  ("pretrain-t2i", cmd_pretrain_t2i, 1200, 32),
+                                  ("pretrain-t2i", cmd_pretrain_t2i, 1000, 32),
                                   ("train-judge", cmd_train_judge, 600, 128)):
         p = sub.add_parser(name)
         p.add_argument("--data", nargs="+", required=True)
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "pretrain-t2i":
             p.add_argument("--vae", required=True)
             p.add_argument("--text-encoder", required=True)
-            p.add_argument("--lr", type=float, default=1e-3)
+            p.add_argument("--lr", type=float, default=2e-3)
         p.set_defaults(func=func)
 
     p = sub.add_parser("train-oracle")

@@ -73,7 +73,7 @@ class ToyT2IConfig:
     text_width: int = 64
     text_layers: int = 2
     text_heads: int = 4
-    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_channels: tuple[int, ...] = (32, 64, 128)
     attention_head_dim: int = 32
 
 

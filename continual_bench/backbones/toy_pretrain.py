@@ -156,8 +156,8 @@ def caption_dropout(caption: str, rng: np.random.Generator, keep: float) -> str:
     return f"{head} with {', '.join(kept[:-1])} and {kept[-1]}"
 
 
-def pretrain_t2i(data_dirs, vae_dir, tokenizer_dir, text_encoder_dir, out_dir, *, steps: int = 1200, batch_size: int = 32,
-                 lr: float = 1e-3, keep: float = 0.8, empty_prob: float = 0.1, seed: int = 0,
+def pretrain_t2i(data_dirs, vae_dir, tokenizer_dir, text_encoder_dir, out_dir, *, steps: int = 1000, batch_size: int = 32,
+                 lr: float = 2e-3, keep: float = 0.8, empty_prob: float = 0.1, seed: int = 0,
                  cfg: t2i.ToyT2IConfig | None = None, max_minutes: float | None = None) -> dict:
     """Train the toy UNet on the frozen text encoder; save a StableDiffusionPipeline at ``out_dir``."""
     from diffusers import AutoencoderKL

@@ -2,10 +2,12 @@
 
 Why it looks like this (REFERENCE.md section 5): a first prototype drew faces whose identities differed
 in colours the base model never bound to text, and customization barely learned them. Here every
-identity is a combination of a few *named*, visually large attributes (hair colour, shirt colour, skin,
-glasses) plus fixed fine details (face width and height, eye spacing, mouth width), and the base
+identity is a combination of a few *named*, visually large attributes (hair colour, hair length, skin,
+shirt colour) plus fixed fine details (face width and height, eye spacing, mouth width, glasses), and the base
 pretraining captions name the attributes ("a photo of a person with blonde hair, tan skin and a red
-shirt"), so the pretrained model renders each attribute from words. A concept is a held-out identity:
+shirt"), so the pretrained model renders each attribute from words. (Glasses were a named attribute
+first; at 32x32 they are a few pixels that the tiny model renders faintly, which made the oracle's
+verdicts hinge on them, so they became a fine detail.) A concept is a held-out identity:
 its attribute combination occurs in the base data (on other people), its fine details do not, so
 learning its token means learning *which* known attributes go together (and its face), the toy analogue
 of teaching Stable Diffusion a new face. Concepts share half of their attributes with each other, so
@@ -101,17 +103,14 @@ def _finish(img: Image.Image, rng: np.random.Generator, light: float) -> Image.I
 # ----------------------------------------------------------------------------------------------- faces
 FACE_ATTRS = (
     Attribute("hair_colour", tuple(PALETTES["hair"])),
+    Attribute("hair_length", ("short", "long")),
     Attribute("skin", tuple(PALETTES["skin"])),
     Attribute("shirt", tuple(PALETTES["shirt"])),
-    Attribute("glasses", ("glasses", "")),
 )
 
 
 def _face_phrases(ident: dict) -> list[str]:
-    out = [f"{ident['hair_colour']} hair", f"{ident['skin']} skin", f"a {ident['shirt']} shirt"]
-    if ident["glasses"]:
-        out.append("glasses")
-    return out
+    return [f"{ident['hair_length']} {ident['hair_colour']} hair", f"{ident['skin']} skin", f"a {ident['shirt']} shirt"]
 
 
 def draw_face(identity: dict, rng: np.random.Generator) -> Image.Image:
@@ -167,7 +166,7 @@ def draw_face(identity: dict, rng: np.random.Generator) -> Image.Image:
 
 def _face_identity(rng: np.random.Generator, spec: WorldSpec) -> dict:
     ident = {a.name: a.values[rng.integers(len(a.values))] for a in spec.attributes}
-    ident.update(hair_length=("short", "long")[int(rng.integers(2))], face_width=float(rng.uniform(30, 40)), face_height=float(rng.uniform(36, 46)),
+    ident.update(glasses=bool(rng.integers(2)), face_width=float(rng.uniform(30, 40)), face_height=float(rng.uniform(36, 46)),
                  eye_spacing=float(rng.uniform(11, 17)), mouth_width=float(rng.uniform(6, 14)))
     return ident
 

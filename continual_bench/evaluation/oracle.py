@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torchvision.transforms.functional import gaussian_blur
 from tqdm.auto import tqdm
 
 from ..data.datasets import PreparedDataset, load_images
@@ -85,8 +86,10 @@ def train_oracle(data_dir, out_dir, *, epochs: int = 30, batch_size: int = 64, l
                  n_generic: int = 400, seed: int = 0) -> dict:
     """Train on every concept's images (train + eval split) and ``n_generic`` generic images.
 
-    Generic images of people who share a concept's named attributes (same caption) are left out: the
-    oracle decides *which concept's attributes* an image shows, so such a person counts as that concept.
+    The oracle decides *whose named attributes* an image shows (concepts differ from each other in at
+    least two), so generic images of other people with a concept's attributes (the same caption) are
+    labelled as that concept; its fine details (face shape, hair length) vary too and the oracle learns
+    to ignore them. Training images are blurred at random, like the samples of a small diffusion model.
     A quarter of each class is held out to report the oracle's own accuracy (``val_acc``), then the
     final model is the one trained on the rest: the oracle must be trustworthy, so its accuracy is
     recorded next to it and in the run's provenance.
@@ -96,12 +99,14 @@ def train_oracle(data_dir, out_dir, *, epochs: int = 30, batch_size: int = 64, l
     classes = [GENERIC] + ds.concepts()
     xs, ys = [], []
     rng = np.random.default_rng(stable_seed("oracle", seed))
+    caption_of = {r.concept: r.caption for r in ds.records() if r.concept != GENERIC}
+    generic = ds.records(concept=GENERIC)
     for ci, c in enumerate(classes):
-        recs = ds.records(concept=c)
         if c == GENERIC:
-            concept_captions = {r.caption for r in ds.records() if r.concept != GENERIC}
-            recs = [r for r in recs if r.caption not in concept_captions]
+            recs = [r for r in generic if r.caption not in caption_of.values()]
             recs = [recs[i] for i in rng.permutation(len(recs))[:n_generic]]
+        else:
+            recs = ds.records(concept=c) + [r for r in generic if r.caption == caption_of[c]]
 
         xs.append(load_images([r.path for r in recs]))
         ys.append(torch.full((len(recs),), ci))
@@ -126,6 +131,9 @@ def train_oracle(data_dir, out_dir, *, epochs: int = 30, batch_size: int = 64, l
             shift = torch.randint(-2, 3, (2,), generator=g).tolist()
             xb = torch.roll(xb, shifts=shift, dims=(2, 3))
             xb = (xb * (0.85 + 0.3 * torch.rand(len(xb), 1, 1, 1, generator=g))).clamp(0, 1)
+            sigma = float(torch.rand(1, generator=g)) * 1.2
+            if sigma > 0.3:
+                xb = gaussian_blur(xb, kernel_size=5, sigma=sigma)
             loss = F.cross_entropy(net(xb), y[idx], label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -43,7 +43,7 @@ rule toy_vae:
         data=lambda w, input: toy_dirs(input),
         out=lambda w, output: Path(output[0]).parent,
         steps=toy("vae_steps"),
-    threads: workflow.cores
+    threads: 1  # runs beside the text encoder, judge and oracles
     conda:
         CONDA_ENV
     shell:
@@ -63,7 +63,7 @@ rule toy_text_encoder:
         tok=lambda w, input: Path(input.tok).parent,
         out=lambda w, output: Path(output[0]).parent,
         steps=toy("text_encoder_steps"),
-    threads: workflow.cores
+    threads: 1
     conda:
         CONDA_ENV
     shell:

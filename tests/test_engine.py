@@ -1,0 +1,63 @@
+"""Engine: training runs, checkpoints per task, clear errors (unknown method, bad settings, NaN loss)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from continual_bench.engine.t2i import RunSpec, task_sequence, train_sequence
+from continual_bench.data.datasets import PreparedDataset
+from continual_bench.methods.registry import get_method
+from continual_bench.utils import UserError
+
+
+def test_task_sequence_is_seeded(tiny_world):
+    ds = PreparedDataset(tiny_world)
+    a, b, c = task_sequence(ds, 3, 0), task_sequence(ds, 3, 0), task_sequence(ds, 3, 1)
+    assert a == b and len(set(a)) == 3 and set(a) <= set(ds.concepts())
+    assert a != c or task_sequence(ds, 3, 2) != a
+    with pytest.raises(UserError, match="n_tasks=9 but the dataset has only 4 concepts"):
+        task_sequence(ds, 9, 0)
+
+
+def test_train_writes_one_checkpoint_per_task_and_skips_done(tiny_pipeline, tiny_world, tmp_path):
+    spec = RunSpec(backbone=tiny_pipeline, data_dir=tiny_world, method="lora_sequential", n_tasks=2, seed=0,
+                   settings={"steps": 2, "batch_size": 2, "rank": 2})
+    metas = train_sequence(spec, tmp_path / "ck")
+    assert [m["task"] for m in metas] == [1, 2]
+    for t in (1, 2):
+        assert (tmp_path / "ck" / f"task_{t:03d}" / "state.safetensors").is_file()
+    assert metas[1]["N_store"] > metas[0]["N_store"] > 0 and metas[0]["N_train"] > 0
+    before = (tmp_path / "ck" / "task_002" / "state.safetensors").stat().st_mtime_ns
+    train_sequence(spec, tmp_path / "ck")  # nothing left to do
+    assert (tmp_path / "ck" / "task_002" / "state.safetensors").stat().st_mtime_ns == before
+    method = spec.restore(tmp_path / "ck", 2)
+    assert method.model.concept_tokens == ["<v1>", "<v2>"]
+
+
+def test_nan_loss_is_a_clear_error(tiny_pipeline, tiny_world, tmp_path, monkeypatch):
+    cls = get_method("t2i", "lora_sequential")
+    monkeypatch.setattr(cls, "loss", lambda self, batch: {"loss": torch.tensor(float("nan"), requires_grad=True)})
+    spec = RunSpec(backbone=tiny_pipeline, data_dir=tiny_world, method="lora_sequential", n_tasks=1, seed=0,
+                   settings={"steps": 2, "batch_size": 2})
+    with pytest.raises(FloatingPointError, match="lora_sequential: non-finite loss nan at task 1 step 0"):
+        train_sequence(spec, tmp_path / "ck")
+    assert not (tmp_path / "ck" / "task_001").exists()
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "continual_bench", *args], capture_output=True, text=True)
+
+
+def test_cli_errors_are_one_line_and_name_the_value(tiny_pipeline, tiny_world, tmp_path):
+    common = ["--backbone", str(tiny_pipeline), "--data", str(tiny_world), "--benchmark", "toy_faces",
+              "--n-tasks", "1", "--seed", "0", "--ckpt-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "t.json")]
+    res = _cli("train", "--method", "nope", *common)
+    assert res.returncode == 2
+    err = res.stderr.strip().splitlines()[-1]
+    assert err.startswith("continual-bench: error: unknown method 'nope'")
+    res = _cli("train", "--method", "lora_sequential", "--settings", json.dumps({"rnak": 4}), *common)
+    assert res.returncode == 2 and "method_settings.lora_sequential: unknown setting(s) ['rnak']" in res.stderr
+    res = _cli("train", "--method", "lora_sequential", "--settings", "{bad json", *common)
+    assert res.returncode == 2 and "--settings: not valid JSON" in res.stderr
