@@ -26,7 +26,7 @@ from continual_bench.reporting.summary import SUMMARY_COLUMNS, direction
 from continual_bench.utils import UserError, atomic_path, atomic_write_text
 
 PREFERRED_ORDER = {
-    "t2i": ["N_train", "N_store", "A_mmd", "F_mmd", "A_clip", "F_clip",
+    "t2i": ["N_train", "N_store", "P_mmd", "A_mmd", "F_mmd", "P_clip", "A_clip", "F_clip",
             "P_oracle", "A_oracle", "F_oracle", "takeover"],
     "cls": ["A_N", "F_N"],
 }

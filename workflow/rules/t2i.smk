@@ -17,6 +17,7 @@ rule train:
         settings=method_settings,
         ckpt=lambda w, output: Path(output[0]).with_name("checkpoints"),
         device=config["device"],
+    priority: 5
     threads: config["threads_per_run"]
     resources:
         gpu=1,
