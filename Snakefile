@@ -10,6 +10,12 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+# `--config 'n_tasks=[5,10]'` gives strings inside lists: make them the integers the schema expects
+for _key in ("n_tasks", "seeds"):
+    if isinstance(config.get(_key), list):
+        config[_key] = [int(v) if isinstance(v, str) and v.isdigit() else v for v in config[_key]]
+
+
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

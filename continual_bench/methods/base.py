@@ -64,6 +64,11 @@ def build_settings(cls_settings: type, overrides: dict | None, where: str):
     defaults = cls_settings()
     for k, v in overrides.items():
         want = type(getattr(defaults, k))
+        if isinstance(v, str) and want in (int, float):  # values given on the command line arrive as text
+            try:
+                v = overrides[k] = want(v)
+            except ValueError:
+                raise UserError(f"{where}.{k}: expected {want.__name__}, got {v!r}") from None
         if want is float and isinstance(v, int) and not isinstance(v, bool):
             overrides[k] = float(v)
         elif want in (int, float, bool, str) and not isinstance(v, want):
