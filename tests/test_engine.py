@@ -25,15 +25,21 @@ def test_train_writes_one_checkpoint_per_task_and_skips_done(tiny_pipeline, tiny
     spec = RunSpec(backbone=tiny_pipeline, data_dir=tiny_world, method="lora_sequential", n_tasks=2, seed=0,
                    settings={"steps": 2, "batch_size": 2, "rank": 2})
     metas = train_sequence(spec, tmp_path / "ck")
+    ck = spec.checkpoint_dir(tmp_path / "ck")
     assert [m["task"] for m in metas] == [1, 2]
     for t in (1, 2):
-        assert (tmp_path / "ck" / f"task_{t:03d}" / "state.safetensors").is_file()
+        assert (ck / f"task_{t:03d}" / "state.safetensors").is_file()
     assert metas[1]["N_store"] > metas[0]["N_store"] > 0 and metas[0]["N_train"] > 0
-    before = (tmp_path / "ck" / "task_002" / "state.safetensors").stat().st_mtime_ns
+    before = (ck / "task_002" / "state.safetensors").stat().st_mtime_ns
     train_sequence(spec, tmp_path / "ck")  # nothing left to do
-    assert (tmp_path / "ck" / "task_002" / "state.safetensors").stat().st_mtime_ns == before
-    method = spec.restore(tmp_path / "ck", 2)
+    assert (ck / "task_002" / "state.safetensors").stat().st_mtime_ns == before
+    method = spec.restore(ck, 2)
     assert method.model.concept_tokens == ["<v1>", "<v2>"]
+    # changed settings never resume from these checkpoints, and do not delete them
+    other = RunSpec(backbone=tiny_pipeline, data_dir=tiny_world, method="lora_sequential", n_tasks=2, seed=0,
+                    settings={"steps": 3, "batch_size": 2, "rank": 2})
+    assert other.checkpoint_dir(tmp_path / "ck") != ck
+    assert json.loads((ck / "run.json").read_text())["settings"]["steps"] == 2
 
 
 def test_nan_loss_is_a_clear_error(tiny_pipeline, tiny_world, tmp_path, monkeypatch):
@@ -43,7 +49,7 @@ def test_nan_loss_is_a_clear_error(tiny_pipeline, tiny_world, tmp_path, monkeypa
                    settings={"steps": 2, "batch_size": 2})
     with pytest.raises(FloatingPointError, match="lora_sequential: non-finite loss nan at task 1 step 0"):
         train_sequence(spec, tmp_path / "ck")
-    assert not (tmp_path / "ck" / "task_001").exists()
+    assert not (spec.checkpoint_dir(tmp_path / "ck") / "task_001").exists()
 
 
 def _cli(*args):

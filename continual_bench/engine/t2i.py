@@ -5,10 +5,15 @@ the previous task's checkpoint (``method.load_state``), whether or not the proce
 every task's randomness is seeded from (seed, task). A killed run therefore continues at the first task
 without a checkpoint and produces the same numbers as an uninterrupted one.
 
-Checkpoint layout (``ckpt_dir``)::
+Checkpoint layout (``ckpt_dir``, the run's ``checkpoints/`` folder)::
 
-    task_001/state.safetensors   method.state_dict() after task 1
-    task_001/meta.json           task, concept, N_train, N_store, loss curve summary, seconds
+    <fingerprint>/run.json                what the fingerprint covers
+    <fingerprint>/task_001/state.safetensors   method.state_dict() after task 1
+    <fingerprint>/task_001/meta.json           task, concept, N_train, N_store, loss curve summary, seconds
+
+The fingerprint hashes the method, its settings, the seed, the concept sequence and the backbone's
+weight files (size and mtime), so changed settings or a rebuilt backbone never resume from stale
+checkpoints, and old checkpoints are kept, not deleted.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from ..backbones.model import T2IModel
 from ..data.datasets import PreparedDataset
 from ..methods.base import T2IMethod, Task, build_settings
 from ..methods.registry import get_method
-from ..utils import UserError, atomic_write_json, seed_everything, stable_seed
+from ..utils import UserError, atomic_write_json, config_hash, seed_everything, stable_seed
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,23 @@ class RunSpec:
         self.device = resolve_device(device)
         self.sequence = task_sequence(self.ds, n_tasks, seed)
         self.tasks = make_tasks(self.ds, self.sequence, class_word, prompt_template)
+
+    def fingerprint(self) -> str:
+        weights = sorted(p for p in self.backbone.rglob("*.safetensors"))
+        ident = {"method": self.method_cls.name, "settings": self.settings.__dict__, "seed": self.seed,
+                 "sequence": self.sequence,
+                 "backbone": [(str(p.relative_to(self.backbone)), p.stat().st_size, p.stat().st_mtime_ns) for p in weights]}
+        return config_hash(ident)
+
+    def checkpoint_dir(self, ckpt_root: str | Path) -> Path:
+        """This run's checkpoint folder under ``ckpt_root`` (created, with ``run.json``)."""
+        d = Path(ckpt_root) / self.fingerprint()
+        d.mkdir(parents=True, exist_ok=True)
+        if not (d / "run.json").exists():
+            atomic_write_json(d / "run.json", {"method": self.method_cls.name, "settings": self.settings.__dict__,
+                                               "seed": self.seed, "sequence": self.sequence,
+                                               "backbone": str(self.backbone)})
+        return d
 
     def new_method(self) -> T2IMethod:
         model = T2IModel.from_pretrained(self.backbone, device=self.device)
@@ -160,9 +182,9 @@ def _save_checkpoint(ckpt_dir: Path, t: int, method: T2IMethod, meta: dict) -> N
             shutil.rmtree(tmp)
 
 
-def train_sequence(spec: RunSpec, ckpt_dir: str | Path) -> list[dict]:
+def train_sequence(spec: RunSpec, ckpt_root: str | Path) -> list[dict]:
     """Train every task of ``spec`` in order, skipping tasks that already have a checkpoint."""
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = spec.checkpoint_dir(ckpt_root)
     metas = []
     for task in spec.tasks:
         t = task.index

@@ -40,9 +40,11 @@ def pairs_to_generate(n_tasks: int, full_matrix: bool) -> list[tuple[int, int]]:
     return [(t, t) for t in range(1, T + 1)] + [(T, k) for k in range(1, T)]
 
 
-def generate_run(spec: RunSpec, ckpt_dir: str | Path, out_npz: str | Path, *, n_samples: int = 48,
+def generate_run(spec: RunSpec, ckpt_root: str | Path, out_npz: str | Path, *, n_samples: int = 48,
                  steps: int = 25, guidance: float = 5.0, full_matrix: bool = False) -> dict[str, np.ndarray]:
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = spec.checkpoint_dir(ckpt_root)
+    if not (ckpt_dir / f"task_{spec.n_tasks:03d}" / "meta.json").is_file():
+        raise UserError(f"{ckpt_dir}: no checkpoint of task {spec.n_tasks}; run the train step with the same settings")
     pairs = pairs_to_generate(spec.n_tasks, full_matrix)
     out: dict[str, np.ndarray] = {}
     for t in tqdm(range(1, spec.n_tasks + 1), desc="generate", mininterval=5):
