@@ -158,7 +158,7 @@ def caption_dropout(caption: str, rng: np.random.Generator, keep: float) -> str:
 
 def pretrain_t2i(data_dirs, vae_dir, tokenizer_dir, text_encoder_dir, out_dir, *, steps: int = 1000, batch_size: int = 32,
                  lr: float = 2e-3, keep: float = 0.8, empty_prob: float = 0.1, seed: int = 0,
-                 cfg: t2i.ToyT2IConfig | None = None, max_minutes: float | None = None) -> dict:
+                 cfg: t2i.ToyT2IConfig | None = None) -> dict:
     """Train the toy UNet on the frozen text encoder; save a StableDiffusionPipeline at ``out_dir``."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
@@ -184,7 +184,6 @@ def pretrain_t2i(data_dirs, vae_dir, tokenizer_dir, text_encoder_dir, out_dir, *
     rng = np.random.default_rng(stable_seed("caption-dropout", seed))
     t0 = time.time()
     losses = []
-    done = 0
     for step in (bar := tqdm(range(steps), desc="pretrain t2i", mininterval=5)):
         idx = torch.randint(0, len(x), (batch_size,), generator=g)
         lat = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * sf
@@ -206,15 +205,11 @@ def pretrain_t2i(data_dirs, vae_dir, tokenizer_dir, text_encoder_dir, out_dir, *
         opt.step()
         sched.step()
         losses.append(loss.item())
-        done = step + 1
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if max_minutes and time.time() - t0 > 60 * max_minutes:
-            log.warning("pretrain_t2i: stopping at step %d after %.1f min (max_minutes)", done, max_minutes)
-            break
     unet.eval()
     t2i.save_pipeline(vae, text_encoder, tokenizer, unet, out_dir)
-    stats = {"steps": done, "batch_size": batch_size, "lr": lr, "final_loss": float(np.mean(losses[-100:])),
+    stats = {"steps": steps, "batch_size": batch_size, "lr": lr, "final_loss": float(np.mean(losses[-100:])),
              "seconds": round(time.time() - t0, 1),
              "params_unet": sum(p.numel() for p in unet.parameters()),
              "params_text_encoder": sum(p.numel() for p in text_encoder.parameters())}
