@@ -26,11 +26,8 @@ def snakemake(workdir: Path, *args: str, timeout: int = 400, check: bool = True)
 
 
 def _env() -> dict:
-    env = dict(os.environ, CONTINUAL_BENCH_NO_TQDM="1")
-    for var, sub in (("HF_HOME", "huggingface"), ("TORCH_HOME", "torch"), ("XDG_CACHE_HOME", "xdg"),
-                     ("MPLCONFIGDIR", "matplotlib")):
-        env.setdefault(var, str(REPO / ".cache" / sub))
-    return env
+    # conftest.py has already pointed every cache into the repository's .cache/
+    return dict(os.environ, CONTINUAL_BENCH_NO_TQDM="1")
 
 
 @pytest.fixture(scope="module")

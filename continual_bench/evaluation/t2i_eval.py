@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..data.datasets import PreparedDataset
+from ..data.datasets import PreparedDataset, load_images
 from ..engine.t2i import RunSpec
 from ..utils import UserError, atomic_path, atomic_write_text, stable_seed
 from . import metrics as M
@@ -69,8 +69,6 @@ def _to_tensor(arr: np.ndarray) -> torch.Tensor:
 def real_reference(ds: PreparedDataset, concept: str) -> torch.Tensor:
     """A concept's real reference images: its held-out ``eval`` split when the dataset has one, else all."""
     recs = [r for r in ds.records(concept=concept) if r.split == "eval"] or ds.records(concept=concept)
-    from ..data.datasets import load_images
-
     return load_images([r.path for r in recs])
 
 
@@ -85,16 +83,15 @@ def evaluate_run(*, train_json: str | Path, samples_npz: str | Path, data_dir: s
         samples = dict(np.load(samples_npz))
     except (OSError, ValueError) as e:
         raise UserError(f"{samples_npz}: unreadable samples file ({e})") from None
-    real_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    real_feats_of: dict[str, torch.Tensor] = {}  # judge features of each concept's real images, computed once
     rows = []
     last = sequence[-1]
     for key in sorted(samples):
         t, k = (int(x) for x in key.replace("after", "").split("_concept"))
         concept = sequence[k - 1]
-        if concept not in real_cache:
-            real = real_reference(ds, concept)
-            real_cache[concept] = (judge.image_features(real, normalize=False), real)
-        real_feats, _ = real_cache[concept]
+        if concept not in real_feats_of:
+            real_feats_of[concept] = judge.image_features(real_reference(ds, concept), normalize=False)
+        real_feats = real_feats_of[concept]
         fake = _to_tensor(samples[key])
         fake_feats = judge.image_features(fake, normalize=False)
         vals = {"mmd": M.kid(real_feats, fake_feats, seed=stable_seed("kid", t, k)),
@@ -121,8 +118,7 @@ def evaluate_run(*, train_json: str | Path, samples_npz: str | Path, data_dir: s
     summary["N_train"] = float(np.mean([m["N_train"] for m in info["tasks"]]))
     summary["N_store"] = float(info["tasks"][-1]["N_store"])
     prov = {**ident, **provenance}
-    out = pd.DataFrame([{**ident, "metric": m, "value": v, **{k: v2 for k, v2 in provenance.items()}}
-                        for m, v in summary.items()])
+    out = pd.DataFrame([{**ident, "metric": m, "value": v, **provenance} for m, v in summary.items()])
     cols = ["track", "benchmark", "n_tasks", "method", "seed", "metric", "value"]
     out = out[cols + [c for c in out.columns if c not in cols]]
     for df, path in ((out, out_metrics), (R.assign(**prov), out_R)):
