@@ -56,3 +56,18 @@ def test_summarize_R_hand_computed():
 def test_oracle_accuracy():
     assert M.oracle_accuracy(["a", "b", "a", "generic"], "a") == 0.5
     assert math.isnan(M.oracle_accuracy([], "a"))
+
+
+def test_clip_text_alignment_is_clipscore():
+    text = torch.tensor([[1.0, 0.0, 0.0]])
+    same = torch.tensor([[2.0, 0.0, 0.0], [5.0, 0.0, 0.0]])
+    assert M.clip_text_alignment(text, same) == pytest.approx(2.5)
+    # cos = 0.6 and -0.8 -> max(cos, 0) = 0.6 and 0 -> 2.5 * 0.3 = 0.75
+    mixed = torch.tensor([[0.6, 0.8, 0.0], [-0.8, 0.6, 0.0]])
+    assert M.clip_text_alignment(text, mixed) == pytest.approx(0.75)
+
+
+def test_forgetting_sign_larger_is_more_forgetting():
+    assert M.forgetting(0.9, 0.6, higher_is_better=True) == pytest.approx(0.3)  # accuracy dropped
+    assert M.forgetting(10.0, 25.0, higher_is_better=False) == pytest.approx(15.0)  # distance grew
+    assert M.forgetting(0.5, 0.7, higher_is_better=True) == pytest.approx(-0.2)  # improved: negative

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .t2i import load_pipeline
+from .t2i import diffusion_target, load_pipeline
 
 
 class T2IModel:
@@ -87,19 +87,24 @@ class T2IModel:
 
     def diffusion_loss(self, latents: torch.Tensor, text_emb: torch.Tensor, generator=None,
                        reduction: str = "mean") -> torch.Tensor:
-        """Epsilon-prediction loss ``|| eps - eps_theta(z_t, t, c) ||^2`` (Stable Diffusion's objective)."""
+        """The denoising loss ``|| target - f_theta(z_t, t, c) ||^2`` (Stable Diffusion's objective).
+
+        ``target`` is the noise (epsilon prediction, SD v1.x) or the velocity (v prediction, SD 2.x and
+        the toy backbone), as the pipeline's scheduler config says.
+        """
         noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                           generator=generator).to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         pred = self.unet(noisy, t, text_emb).sample
-        loss = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+        target = diffusion_target(self.noise_scheduler, latents, noise, t)
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return loss.mean() if reduction == "mean" else loss
 
     # ----------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def generate(self, prompts: list[str], *, seed: int, steps: int = 25, guidance: float = 5.0,
-                 batch_size: int = 64, negative_prompt: str | None = None) -> np.ndarray:
+                 guidance_rescale: float = 0.0, batch_size: int = 64, negative_prompt: str | None = None) -> np.ndarray:
         """Images (N, H, W, 3) uint8 for ``prompts`` (one image each), batched, deterministic in ``seed``."""
         out = []
         g = torch.Generator().manual_seed(seed)
@@ -108,6 +113,7 @@ class T2IModel:
             shape = (len(chunk), self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
             lat = torch.randn(shape, generator=g).to(self.device, self.unet.dtype)
             res = self.pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, latents=lat,
+                            guidance_rescale=guidance_rescale,
                             negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
                             output_type="np").images
             out.append((np.clip(res, 0, 1) * 255).round().astype(np.uint8))

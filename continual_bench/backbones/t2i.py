@@ -116,11 +116,32 @@ def build_toy_unet(cfg: ToyT2IConfig, latent_size: int):
 
 
 def training_scheduler():
+    """The toy backbone's noise schedule: Stable Diffusion v1's betas, rescaled to zero terminal SNR, v-prediction.
+
+    SD v1's schedule leaves signal at t = 1000 (SNR 2e-5 per pixel, but the mean colour of a large region
+    survives), so a model trained on it reads large-region colours from the noisy latent instead of the
+    prompt, and at sampling time those colours come from the random initial noise. The toy world's
+    concepts differ exactly in such colours (shirt, sky): with SD v1's schedule the tiny model bound them
+    to text poorly and customization could not learn them. Lin et al., "Common Diffusion Noise Schedules
+    and Sample Steps are Flawed" (WACV 2024) fix it with zero terminal SNR (sec. 3.1), v-prediction
+    (3.2) and trailing timesteps (3.3); Stable Diffusion 2.x is v-prediction too. Everything downstream
+    reads ``prediction_type`` from the saved scheduler config, so SD v1.x (epsilon) runs the same code.
+    """
     from diffusers import DDPMScheduler
 
-    # Stable Diffusion v1's noise schedule
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False, steps_offset=1)
+                         clip_sample=False, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                         timestep_spacing="trailing")
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet predicts under ``scheduler.config.prediction_type`` (epsilon: SD v1.x; v: SD 2.x, toy)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    raise UserError(f"scheduler prediction_type {kind!r} is not supported (epsilon or v_prediction)")
 
 
 # ------------------------------------------------------------------------------------------- loading

@@ -196,7 +196,7 @@ def pretrain_t2i(data_dirs, vae_dir, tokenizer_dir, text_encoder_dir, out_dir, *
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=g)
         noisy = noise_sched.add_noise(lat, noise, t)
         pred = unet(noisy, t, enc).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, t2i.diffusion_target(noise_sched, lat, noise, t))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pretrain_t2i: non-finite loss at step {step}")
         opt.zero_grad(set_to_none=True)

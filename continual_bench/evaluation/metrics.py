@@ -8,6 +8,9 @@ T the number of tasks.
   random subsets; reported x 1e3 as ``mmd`` (C-LoRA's "MMD" column). Lower is better.
 * CLIP image alignment (Custom Diffusion's ``evaluate.py``): the mean cosine similarity over all
   pairs of generated x real image embeddings, mean_{i,j} <g_i/|g_i|, r_j/|r_j|>. Higher is better.
+* CLIP text alignment (CLIPScore, Hessel et al. 2021): 2.5 * mean_i max(<g_i/|g_i|, c/|c|>, 0) for the
+  text embedding c of the concept's description (its manifest caption; the class prompt for the
+  generic samples). Higher is better; the scale 2.5 is CLIPScore's ``w``.
 * Oracle accuracy (toy world): the share of samples of concept k that the oracle classifies as k.
 * Takeover: the share of samples of an earlier concept k < T, after the last task, that the oracle
   classifies as the last concept T (what sequential fine-tuning drifts towards).
@@ -17,6 +20,10 @@ Aggregates (``summarize_R``), with larger F = more forgetting for every metric:
     A = mean_k R[T][k]                      (after the last task)
     F = mean_{k<T} (R[k][k] - R[T][k])      for higher-is-better metrics (clip, oracle)
     F = mean_{k<T} (R[T][k] - R[k][k])      for lower-is-better metrics (mmd)
+
+Relevant-concept forgetting (LFS-Diffusion's first kind) compares the generic-class prompt's samples of
+the base model (G_0) and after the last task (G_T) the same way: ``Frel = G_0 - G_T`` (higher-is-better
+metrics) or ``G_T - G_0`` (lower-is-better), larger = the class prompt drifted further.
 """
 from __future__ import annotations
 
@@ -24,7 +31,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-HIGHER_IS_BETTER = {"mmd": False, "clip": True, "oracle": True}
+HIGHER_IS_BETTER = {"mmd": False, "clip": True, "clip_t": True, "oracle": True}
+CLIPSCORE_W = 2.5
 
 
 def kid(real_feats: torch.Tensor, fake_feats: torch.Tensor, *, seed: int = 0, subsets: int = 100) -> float:
@@ -53,6 +61,18 @@ def clip_image_alignment(real_feats: torch.Tensor, fake_feats: torch.Tensor) -> 
     return float((f @ r.T).mean())
 
 
+def clip_text_alignment(text_feats: torch.Tensor, fake_feats: torch.Tensor) -> float:
+    """CLIPScore: ``2.5 * mean_i max(cos(g_i, c), 0)`` for one text embedding ``c`` (shape (1, d) or (d,))."""
+    c = torch.nn.functional.normalize(text_feats.double().reshape(1, -1), dim=-1)
+    f = torch.nn.functional.normalize(fake_feats.double(), dim=-1)
+    return float(CLIPSCORE_W * (f @ c.T).clamp(min=0).mean())
+
+
+def forgetting(before: float, after: float, higher_is_better: bool) -> float:
+    """Drop from ``before`` to ``after``, signed so that larger = more forgetting."""
+    return before - after if higher_is_better else after - before
+
+
 def oracle_accuracy(predictions: list[str], concept: str) -> float:
     return float(np.mean([p == concept for p in predictions])) if predictions else float("nan")
 
@@ -63,8 +83,7 @@ def summarize_R(R: dict[tuple[int, int], float], n_tasks: int, higher_is_better:
     P = float(np.mean([R[(k, k)] for k in range(1, T + 1)]))
     A = float(np.mean([R[(T, k)] for k in range(1, T + 1)]))
     if T > 1:
-        drops = [R[(k, k)] - R[(T, k)] for k in range(1, T)]
-        F = float(np.mean(drops)) if higher_is_better else -float(np.mean(drops))
+        F = float(np.mean([forgetting(R[(k, k)], R[(T, k)], higher_is_better) for k in range(1, T)]))
     else:
         F = 0.0
     return {"P": P, "A": A, "F": F}
