@@ -19,6 +19,9 @@ for _key in ("n_tasks", "seeds"):
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/toy.smk"
 include: "workflow/rules/t2i.smk"

@@ -124,6 +124,15 @@ def cmd_evaluate(a):
         sample_grid_from_npz(a.samples, train_info, a.figure, title=f"{a.benchmark}, {a.method}, seed {a.seed}")
 
 
+def cmd_write_config(a):
+    import yaml
+
+    from .utils import atomic_write_text
+
+    atomic_write_text(a.out, "# the run's configuration as Snakemake validated it (defaults filled in)\n"
+                      + yaml.safe_dump(_json_arg(a.json), sort_keys=True))
+
+
 def cmd_tables(a):
     from .reporting.report import build_report
 
@@ -223,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-R", required=True)
     p.add_argument("--figure", default=None)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("write-config", help="write a run's resolved configuration (JSON) as YAML")
+    p.add_argument("--json", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_write_config)
 
     p = sub.add_parser("tables", help="summary.csv, tables and figures of a run directory from its metric files")
     p.add_argument("run_dir")

@@ -47,3 +47,25 @@ def test_add_concept_token(tiny_pipeline):
     assert 0.2 < emb[tid].std().item() / emb[:-1].std().item() < 5  # random init at the table's scale
     with pytest.raises(ValueError):
         m.add_concept_token("<v1>")
+
+
+def test_toy_schedule_zero_terminal_snr_and_v_target():
+    """Lin et al. 2024: the last timestep is pure noise, and the UNet predicts v = sqrt(a) eps - sqrt(1-a) x0."""
+    import pytest
+    import torch
+    from diffusers import DDPMScheduler
+
+    from continual_bench.backbones.t2i import diffusion_target, training_scheduler
+    from continual_bench.utils import UserError
+
+    sched = training_scheduler()
+    a = sched.alphas_cumprod
+    assert float(a[-1]) < 1e-6 and float(a[0]) > 0.99  # SD v1's schedule leaves a[-1] = 0.0047
+    x0, eps = torch.full((1, 1, 1, 1), 2.0), torch.full((1, 1, 1, 1), -1.0)
+    t = torch.tensor([500])
+    want = a[500].sqrt() * -1.0 - (1 - a[500]).sqrt() * 2.0
+    assert float(diffusion_target(sched, x0, eps, t)) == pytest.approx(float(want), rel=1e-5)
+    eps_sched = DDPMScheduler(prediction_type="epsilon")  # SD v1.x: the target is the noise itself
+    assert torch.equal(diffusion_target(eps_sched, x0, eps, t), eps)
+    with pytest.raises(UserError, match="sample"):
+        diffusion_target(DDPMScheduler(prediction_type="sample"), x0, eps, t)

@@ -132,7 +132,8 @@ def test_tables_latex_bold_escape_and_welch(tmp_path):
     assert "1.2M" in tex and "85.0K" in tex and r"\textbf{1.2M}" not in tex
 
     wide = pd.read_csv(written[0])
-    assert list(wide.columns) == ["method", "N_train", "N_train_std", "A_mmd", "A_mmd_std", "A_clip", "A_clip_std"]
+    assert list(wide.columns) == ["method", "N_train", "N_train_std", "A_mmd", "A_mmd_std", "A_clip", "A_clip_std",
+                                  "source"]
     assert wide.loc[wide.method == "full_ft", "A_mmd_std"].item() == pytest.approx(math.sqrt(13.0))
 
 
@@ -185,6 +186,106 @@ def test_cls_track_order_and_unknown_metric(tmp_path):
             for m, base in [("a", 0.5), ("b", 0.7)] for s in range(2)
             for k, v in [("zeta", 1.0 + s), ("F_N", base / 2 + s / 10), ("A_N", base + s / 10)]]
     written = write_tables(summarize(pd.DataFrame(rows)), tmp_path)
-    assert list(pd.read_csv(written[0]).columns) == ["method", "A_N", "A_N_std", "F_N", "F_N_std", "zeta", "zeta_std"]
+    assert list(pd.read_csv(written[0]).columns) == ["method", "A_N", "A_N_std", "F_N", "F_N_std", "zeta", "zeta_std",
+                                                     "source"]
     tex = written[1].read_text()
     assert r"Method & A\_N $\uparrow$ & F\_N $\downarrow$ & zeta \\" in tex
+
+
+def _cls_frame() -> pd.DataFrame:
+    rows = []
+    for n in (5, 10):
+        for method, base in (("ft", 10.0), ("coda_p", 70.0)):
+            for seed in range(3):
+                rows.append(dict(track="cls", benchmark="toy_imagenet_r", n_tasks=n, method=method, seed=seed,
+                                 metric="A_N", value=base - n + seed))
+                rows.append(dict(track="cls", benchmark="toy_imagenet_r", n_tasks=n, method=method, seed=seed,
+                                 metric="F_N", value=80.0 - base + seed))
+    return pd.DataFrame(rows)
+
+
+def _reference(tmp_path) -> pd.DataFrame:
+    from continual_bench.reporting.reference import load_reference
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "x.csv").write_text("track,benchmark,n_tasks,method,metric,mean,std,source\n"
+                               "cls,toy_imagenet_r,5,coda_p,A_N,76.51,0.38,Paper A\n"
+                               "cls,toy_imagenet_r,10,coda_p,A_N,75.45,0.56,Paper A\n"
+                               "cls,other,5,coda_p,A_N,1.0,0.1,Paper B\n")
+    return load_reference(ref)
+
+
+def test_combined_cls_table_with_reported_block(tmp_path):
+    per_seed = _cls_frame()
+    written = write_tables(summarize(per_seed), tmp_path / "tables", per_seed_df=per_seed,
+                           reference_df=_reference(tmp_path))
+    names = [p.name for p in written]
+    assert "toy_imagenet_r_combined.tex" in names and "toy_imagenet_r_T10.tex" in names
+    tex = (tmp_path / "tables" / "toy_imagenet_r_combined.tex").read_text()
+    assert r"\multicolumn{2}{c}{5 tasks} & \multicolumn{2}{c}{10 tasks}" in tex
+    assert r"Method & A\_N $\uparrow$ & F\_N $\downarrow$ & A\_N $\uparrow$ & F\_N $\downarrow$ \\" in tex
+    # coda_p is best on every column; its reported row sits below a second rule and is never bold
+    lines = tex.splitlines()
+    own = next(i for i, ln in enumerate(lines) if ln.startswith(r"coda\_p &"))
+    rep = next(i for i, ln in enumerate(lines) if ln.startswith(r"coda\_p (reported)"))
+    assert rep > own and lines[rep - 1] == r"\midrule" and r"\textbf" not in lines[rep]
+    assert r"\textbf{61.00 $\pm$ 1.00}" in lines[own]  # 5 tasks: 70 - 5 + mean(0, 1, 2)
+    assert "76.51 $\\pm$ 0.38 & -- & 75.45 $\\pm$ 0.56 & --" in lines[rep]
+    assert "Paper A" in tex and "Paper B" not in tex and "1.00 $\\pm$ 0.10" not in tex
+    combined = pd.read_csv(tmp_path / "tables" / "toy_imagenet_r_combined.csv")
+    assert list(combined.source) == ["continual-bench", "continual-bench", "reported: Paper A (toy_imagenet_r)"]
+    assert combined.loc[0, "A_N_T10"] == pytest.approx(1.0)
+
+
+def test_reference_rows_need_a_source(tmp_path):
+    from continual_bench.reporting.reference import load_reference
+
+    (tmp_path / "bad.csv").write_text("track,benchmark,n_tasks,method,metric,mean,std,source\ncls,b,5,m,A_N,1,0,\n")
+    with pytest.raises(UserError, match="bad.csv.*source"):
+        load_reference(tmp_path)
+
+
+def _r_long(metric="oracle", T=3) -> pd.DataFrame:
+    rows = []
+    for seed in range(2):
+        for t in range(1, T + 1):
+            for k in range(1, t + 1):
+                rows.append(dict(track="t2i", benchmark="toy_faces", n_tasks=T, method="lora_sequential", seed=seed,
+                                 after_task=t, concept_index=k, metric=metric, value=1.0 - 0.2 * (t - k) + 0.01 * seed))
+    return pd.DataFrame(rows)
+
+
+def test_heatmap_and_accuracy_curves(tmp_path):
+    from continual_bench.reporting.figures import accuracy_curves, r_matrix_heatmap
+
+    paths = r_matrix_heatmap(_r_long(), tmp_path / "h.png", "oracle")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and paths[0].stat().st_size > 2000
+    acc = pd.concat([_r_long("acc", 3).assign(track="cls"), _r_long("acc", 4).assign(track="cls")])
+    assert accuracy_curves(acc, tmp_path / "a.png")[0].stat().st_size > 2000
+    with pytest.raises(UserError, match="clip"):
+        r_matrix_heatmap(_r_long(), tmp_path / "x.png", "clip")
+
+
+def test_sample_grid_from_npz_has_base_column_and_generic_row(tmp_path):
+    from continual_bench.reporting import grids
+
+    img = np.zeros((4, 8, 8, 3), np.uint8)
+    keys = ["after1_concept1", "after2_concept2", "after2_concept1", "after0_generic", "after2_generic"]
+    np.savez(tmp_path / "s.npz", **{k: img + i for i, k in enumerate(keys)})
+    seen = {}
+
+    def fake_grid(grid, rows, cols, out, title, present):
+        seen.update(rows=rows, cols=cols, present=present)
+        return [out]
+
+    info = {"sequence": ["concept_03", "concept_01"], "tokens": ["<v1>", "<v2>"], "class_word": "person"}
+    orig = grids.sample_grid
+    grids.sample_grid = fake_grid
+    try:
+        grids.sample_grid_from_npz(tmp_path / "s.npz", info, tmp_path / "g.png", "t")
+    finally:
+        grids.sample_grid = orig
+    assert seen["rows"] == ["<v1> (concept_03)", "<v2> (concept_01)", '"a photo of a person"']
+    assert seen["cols"] == ["base model", "after task 1", "after task 2"]
+    assert seen["present"].tolist() == [[False, True, True], [False, False, True], [True, False, True]]

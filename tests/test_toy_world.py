@@ -38,10 +38,12 @@ def test_deterministic_by_seed(tmp_path):
 @pytest.mark.parametrize("name", sorted(WORLDS))
 def test_concepts_are_fine_grained_and_held_out(name, tmp_path):
     spec = WORLDS[name]
-    concepts = sample_concepts(spec, 10, seed=0)
-    for a, b in itertools.combinations(concepts, 2):
-        d = sum(a[x.name] != b[x.name] for x in spec.attributes)
-        assert 2 <= d <= 3, (a, b)
+    concepts = sample_concepts(spec, 20, seed=0)  # a pool for 20-task sequences
+    dist = {(i, j): sum(a[x.name] != b[x.name] for x in spec.attributes)
+            for (i, a), (j, b) in itertools.combinations(enumerate(concepts), 2)}
+    assert min(dist.values()) >= 2  # distinguishable
+    assert all(d <= 3 for (i, j), d in dist.items() if j < 9)  # the first ones share attributes: they interfere
+    assert np.mean([d <= 3 for d in dist.values()]) > 0.5
     root = write_world(name, tmp_path / name, n_concepts=3, n_train=1, n_eval=1, n_generic=50, n_generic_ids=50)
     meta = json.loads((root / "world.json").read_text())
     generic = [json.dumps(i, sort_keys=True) for i in meta.get("generic_identities", [])]

@@ -74,6 +74,7 @@ class ToyT2IConfig:
     text_layers: int = 2
     text_heads: int = 4
     unet_channels: tuple[int, ...] = (32, 64, 128)
+    attention_levels: int = 2  # transformer blocks (self + cross-attention) on the lowest-resolution levels only
     attention_head_dim: int = 32
 
 
@@ -102,15 +103,22 @@ def build_toy_text_encoder(cfg: ToyT2IConfig, tokenizer):
 
 
 def build_toy_unet(cfg: ToyT2IConfig, latent_size: int):
-    """Cross-attention only below the highest resolution (attention over 256 tokens is the CPU's bottleneck)."""
+    """Transformer blocks (self- and cross-attention) only on the ``attention_levels`` lowest resolutions.
+
+    Attention is the CPU's bottleneck: over 256 tokens (16x16) it made the UNet 5x slower. The 8x8 level
+    costs 37 % of a training step (0.69 s vs 0.43 s at batch 32 on 2 cores), but without it (``1``) the
+    samples came out blurred and the oracle recognised only 59 % of the base model's concept captions
+    (100 % with it), so the default keeps it.
+    """
     from diffusers import UNet2DConditionModel
 
     n = len(cfg.unet_channels)
+    k = min(max(cfg.attention_levels, 1), n - 1)
     return UNet2DConditionModel(
         sample_size=latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
         layers_per_block=1, block_out_channels=cfg.unet_channels,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        down_block_types=("DownBlock2D",) * (n - k) + ("CrossAttnDownBlock2D",) * k,
+        up_block_types=("CrossAttnUpBlock2D",) * k + ("UpBlock2D",) * (n - k),
         cross_attention_dim=cfg.text_width, attention_head_dim=cfg.attention_head_dim, norm_num_groups=32,
     )
 

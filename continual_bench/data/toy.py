@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..utils import atomic_write_text, stable_seed
+from ..utils import UserError, atomic_write_text, stable_seed
 
 SIZE = 32
 SCALE = 4  # drawing resolution multiplier
@@ -242,20 +242,23 @@ def _distance(spec: WorldSpec, a: dict, b: dict) -> int:
 
 
 def sample_concepts(spec: WorldSpec, n: int, seed: int, min_diff: int = 2, max_diff: int = 3) -> list[dict]:
-    """Held-out identities: pairwise different in ``min_diff``..``max_diff`` named attributes.
+    """Held-out identities: pairwise different in at least ``min_diff`` named attributes.
 
-    ``max_diff`` keeps them fine-grained (similar to each other); ``min_diff`` keeps them distinguishable.
+    ``min_diff`` keeps them distinguishable. A greedy draw keeps them fine-grained too (pairwise different
+    in at most ``max_diff``, so they share attributes and interfere) for as long as such identities
+    exist; a pool larger than that (20 faces allow 20-task sequences) continues without the upper bound.
     """
+    n_attrs = len(spec.attributes)
     rng = np.random.default_rng(stable_seed("concepts", spec.name, seed))
-    for _restart in range(1000):  # greedy draw; start over when it paints itself into a corner
-        out: list[dict] = []
-        for _try in range(500):
+    out: list[dict] = []
+    for bound in range(max_diff, n_attrs + 1):
+        for _try in range(2000):
             cand = spec.new_identity(rng, spec)
-            if all(min_diff <= _distance(spec, cand, c) <= max_diff for c in out):
+            if all(min_diff <= _distance(spec, cand, c) <= bound for c in out):
                 out.append(cand)
                 if len(out) == n:
                     return out
-    raise RuntimeError(f"{spec.name}: cannot sample {n} concepts that differ in {min_diff}..{max_diff} attributes")
+    raise UserError(f"{spec.name}: cannot sample {n} concepts that differ in at least {min_diff} attributes")
 
 
 def write_world(name: str, out: str | Path, *, seed: int = 0, n_concepts: int = 10, n_train: int = 16,

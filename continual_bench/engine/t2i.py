@@ -206,6 +206,8 @@ def train_sequence(spec: RunSpec, ckpt_root: str | Path) -> list[dict]:
 
 
 def write_train_summary(spec: RunSpec, metas: list[dict], out: str | Path) -> None:
-    atomic_write_json(out, {"sequence": spec.sequence, "tokens": [t.token for t in spec.tasks],
+    """The run's manifest: the exact concept sequence drawn from the seed, tokens, prompts, per-task stats."""
+    atomic_write_json(out, {"sequence": spec.sequence, "class_word": spec.tasks[0].class_word,
+                            "dataset": str(spec.ds.root), "tokens": [t.token for t in spec.tasks],
                             "prompts": [t.prompt for t in spec.tasks], "method": spec.method_cls.name,
                             "settings": spec.settings.__dict__, "seed": spec.seed, "tasks": metas})

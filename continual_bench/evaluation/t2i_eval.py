@@ -3,11 +3,15 @@
 ``generate_run``: for every task t, rebuild the model after task t from its checkpoint and sample
 concept t (for P, "right after learning"); after the last task sample every concept (for A and F).
 With ``full_matrix`` every concept k <= t is sampled after every task t (O(T^2) generations).
-Samples go to one ``samples.npz`` (keys ``after{t}_concept{k}``, uint8 N x H x W x 3).
+The generic-class prompt without any concept token ("a photo of a person") is sampled with the base
+model (t = 0) and after the last task, for relevant-concept forgetting (LFS-Diffusion's first kind).
+Samples go to one ``samples.npz`` (keys ``after{t}_concept{k}`` and ``after{t}_generic``, uint8
+N x H x W x 3).
 
-``evaluate_run``: judge features of samples and real images -> R[t][k] for KID, CLIP image alignment
-and (toy world) oracle accuracy -> ``R.csv`` (long) and ``metrics.csv`` (P/A/F per metric, N_train,
-N_store, takeover), every row with provenance.
+``evaluate_run``: judge features of samples and real images -> R[t][k] for KID, CLIP image alignment,
+CLIP text alignment and (toy world) oracle accuracy -> ``R.csv`` (long; generic rows have
+concept_index 0) and ``metrics.csv`` (P/A/F per metric, relevant-concept forgetting ``Frel_*``,
+takeover and its base rates, N_train, N_store), every row with provenance.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.datasets import PreparedDataset, load_images
+from .oracle import GENERIC
 from ..engine.t2i import RunSpec
 from ..utils import UserError, atomic_path, atomic_write_text, stable_seed
 from . import metrics as M
@@ -30,7 +35,18 @@ log = logging.getLogger(__name__)
 
 
 def sample_key(t: int, k: int) -> str:
-    return f"after{t}_concept{k}"
+    """``k = 0`` is the generic-class prompt."""
+    return f"after{t}_generic" if k == 0 else f"after{t}_concept{k}"
+
+
+def parse_sample_key(key: str) -> tuple[int, int]:
+    t, rest = key.removeprefix("after").split("_", 1)
+    return int(t), 0 if rest == "generic" else int(rest.removeprefix("concept"))
+
+
+def generic_prompt(class_word: str) -> str:
+    """The relevant-concept prompt: the class word and no concept token (LFS-Diffusion's "a photo of a cat")."""
+    return f"a photo of a {class_word}" if class_word else "a photo"
 
 
 def pairs_to_generate(n_tasks: int, full_matrix: bool) -> list[tuple[int, int]]:
@@ -45,17 +61,19 @@ def generate_run(spec: RunSpec, ckpt_root: str | Path, out_npz: str | Path, *, n
     ckpt_dir = spec.checkpoint_dir(ckpt_root)
     if not (ckpt_dir / f"task_{spec.n_tasks:03d}" / "meta.json").is_file():
         raise UserError(f"{ckpt_dir}: no checkpoint of task {spec.n_tasks}; run the train step with the same settings")
-    pairs = pairs_to_generate(spec.n_tasks, full_matrix)
+    T = spec.n_tasks
+    pairs = pairs_to_generate(T, full_matrix) + [(0, 0), (T, 0)]
+    generic = generic_prompt(spec.tasks[0].class_word)
     out: dict[str, np.ndarray] = {}
-    for t in tqdm(range(1, spec.n_tasks + 1), desc="generate", mininterval=5):
+    for t in tqdm(range(0, T + 1), desc="generate", mininterval=5):
         ks = [k for (tt, k) in pairs if tt == t]
         if not ks:
             continue
         method = spec.restore(ckpt_dir, t)
         for k in ks:
-            out[sample_key(t, k)] = method.generate(spec.tasks[k - 1], n_samples,
-                                                    seed=stable_seed("generate", spec.seed, k),
-                                                    steps=steps, guidance=guidance)
+            kw = dict(seed=stable_seed("generate", spec.seed, k), steps=steps, guidance=guidance)
+            out[sample_key(t, k)] = (method.generate_prompt(generic, n_samples, **kw) if k == 0 else
+                                     method.generate(spec.tasks[k - 1], n_samples, **kw))
     # the same seed per concept at every t: differences between R[t][k] and R[k][k] come from the model only
     with atomic_path(out_npz, suffix=".npz") as tmp:
         np.savez_compressed(tmp, **out)
@@ -66,10 +84,25 @@ def _to_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
 
 
-def real_reference(ds: PreparedDataset, concept: str) -> torch.Tensor:
-    """A concept's real reference images: its held-out ``eval`` split when the dataset has one, else all."""
+def real_reference(ds: PreparedDataset, concept: str, max_images: int = 256) -> torch.Tensor:
+    """A concept's real reference images: its held-out ``eval`` split when the dataset has one, else all.
+
+    For ``generic`` (the class without a concept), a seeded draw of at most ``max_images`` of its images.
+    """
     recs = [r for r in ds.records(concept=concept) if r.split == "eval"] or ds.records(concept=concept)
+    if not recs:
+        raise UserError(f"{ds.root}: no real images of {concept!r} in manifest.csv")
+    if len(recs) > max_images:
+        rng = np.random.default_rng(stable_seed("reference", concept))
+        recs = [recs[i] for i in sorted(rng.choice(len(recs), max_images, replace=False))]
     return load_images([r.path for r in recs])
+
+
+def concept_text(ds: PreparedDataset, concept: str, class_word: str) -> str:
+    """The text a concept's samples are aligned with (CLIP text alignment): its caption in the manifest
+    (the toy world names its attributes; real datasets caption "a photo of a person"), else the generic prompt."""
+    caps = [r.caption for r in ds.records(concept=concept) if r.caption]
+    return caps[0] if caps else generic_prompt(class_word)
 
 
 def evaluate_run(*, train_json: str | Path, samples_npz: str | Path, data_dir: str | Path, judge, oracle=None,
@@ -77,44 +110,63 @@ def evaluate_run(*, train_json: str | Path, samples_npz: str | Path, data_dir: s
     """Compute R[t][k] and the run's aggregate metrics; write both CSVs atomically."""
     info = json.loads(Path(train_json).read_text())
     sequence = info["sequence"]
+    class_word = info.get("class_word", "")
     T = len(sequence)
     ds = PreparedDataset(data_dir)
+    has_generic = bool(ds.records(concept=GENERIC))
     try:
         samples = dict(np.load(samples_npz))
     except (OSError, ValueError) as e:
         raise UserError(f"{samples_npz}: unreadable samples file ({e})") from None
-    real_feats_of: dict[str, torch.Tensor] = {}  # judge features of each concept's real images, computed once
+    real_feats_of: dict[str, torch.Tensor] = {}  # judge features of each reference set, computed once
+    text_feats_of: dict[str, torch.Tensor] = {}
     rows = []
     last = sequence[-1]
-    for key in sorted(samples):
-        t, k = (int(x) for x in key.replace("after", "").split("_concept"))
-        concept = sequence[k - 1]
+    for key in sorted(samples, key=parse_sample_key):
+        t, k = parse_sample_key(key)
+        concept = sequence[k - 1] if k else GENERIC
         if concept not in real_feats_of:
-            real_feats_of[concept] = judge.image_features(real_reference(ds, concept), normalize=False)
+            ref = concept if (k or has_generic) else None
+            real = real_reference(ds, ref) if ref else torch.cat([real_reference(ds, c) for c in sequence])
+            real_feats_of[concept] = judge.image_features(real, normalize=False)
+            text = concept_text(ds, concept, class_word) if k else generic_prompt(class_word)
+            text_feats_of[concept] = judge.text_features([text])
         real_feats = real_feats_of[concept]
         fake = _to_tensor(samples[key])
         fake_feats = judge.image_features(fake, normalize=False)
         vals = {"mmd": M.kid(real_feats, fake_feats, seed=stable_seed("kid", t, k)),
-                "clip": M.clip_image_alignment(real_feats, fake_feats)}
+                "clip": M.clip_image_alignment(real_feats, fake_feats),
+                "clip_t": M.clip_text_alignment(text_feats_of[concept], fake_feats)}
         if oracle is not None:
             preds = oracle.predict(fake)
-            vals["oracle"] = M.oracle_accuracy(preds, concept)
-            if t == T and k < T:
+            if k:
+                vals["oracle"] = M.oracle_accuracy(preds, concept)
+            if t == T and k < T or t == 0:  # earlier concepts, and the generic prompt before/after the sequence
                 vals["takeover"] = M.oracle_accuracy(preds, last)
         for metric, value in vals.items():
             rows.append({"after_task": t, "concept_index": k, "concept": concept, "metric": metric, "value": value})
     R = pd.DataFrame(rows)
     summary: dict[str, float] = {}
+    concepts_R = R[R.concept_index > 0]
     for metric, hib in M.HIGHER_IS_BETTER.items():
-        sub = R[R.metric == metric]
+        sub = concepts_R[concepts_R.metric == metric]
         if sub.empty:
             continue
         table = {(int(r.after_task), int(r.concept_index)): float(r.value) for r in sub.itertuples()}
         for agg, v in M.summarize_R(table, T, hib).items():
             summary[f"{agg}_{metric}"] = v
-    tk = R[R.metric == "takeover"]
+    generic_R = R[R.concept_index == 0]
+    for metric, hib in M.HIGHER_IS_BETTER.items():
+        sub = generic_R[generic_R.metric == metric].set_index("after_task").value
+        if {0, T} <= set(sub.index):
+            summary[f"Frel_{metric}"] = M.forgetting(float(sub[0]), float(sub[T]), hib)
+    tk = concepts_R[concepts_R.metric == "takeover"]
     if not tk.empty:
         summary["takeover"] = float(tk.value.mean())
+        gtk = generic_R[generic_R.metric == "takeover"].set_index("after_task").value
+        if {0, T} <= set(gtk.index):  # the same oracle verdict on generic-prompt samples: base rate and after
+            summary["takeover_base"] = float(gtk[0])
+            summary["takeover_generic"] = float(gtk[T])
     summary["N_train"] = float(np.mean([m["N_train"] for m in info["tasks"]]))
     summary["N_store"] = float(info["tasks"][-1]["N_store"])
     prov = {**ident, **provenance}

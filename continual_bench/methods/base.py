@@ -133,7 +133,11 @@ class T2IMethod:
 
     def generate(self, task: Task, n: int, *, seed: int, **sample_kw) -> np.ndarray:
         """``n`` images of ``task``'s concept with the current model."""
-        return self.model.generate([self.prompt(task)] * n, seed=seed, **sample_kw)
+        return self.generate_prompt(self.prompt(task), n, seed=seed, **sample_kw)
+
+    def generate_prompt(self, prompt: str, n: int, *, seed: int, **sample_kw) -> np.ndarray:
+        """``n`` images of a free prompt (e.g. the generic class, for relevant-concept forgetting)."""
+        return self.model.generate([prompt] * n, seed=seed, **sample_kw)
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "paper": self.paper, **dataclasses.asdict(self.settings)}

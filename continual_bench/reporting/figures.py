@@ -120,3 +120,83 @@ def sample_grid(images: np.ndarray, row_labels, col_labels, out_path: Path, titl
                 ax.set_ylabel(str(row_labels[i]), fontsize=8, rotation=0, ha="right", va="center")
     fig.suptitle(title, fontsize=10)
     return _save(fig, out_path, pdf)
+
+
+def r_matrix_heatmap(r_matrix_df: pd.DataFrame, out_path: Path, metric: str, pdf: bool = True) -> list[Path]:
+    """One heatmap per method of R[t][k] (rows: after task t, columns: concept/task k), mean over seeds.
+
+    Cells that were not evaluated (k > t, or outside the default evaluation when the full matrix is off)
+    are blank; every evaluated cell is annotated with its value. Same long input as forgetting_curves.
+    """
+    missing = [c for c in R_MATRIX_COLUMNS if c not in r_matrix_df.columns]
+    if missing:
+        raise UserError(f"R-matrix table lacks column(s) {', '.join(missing)}")
+    df = r_matrix_df[(r_matrix_df["metric"] == metric) & (r_matrix_df["concept_index"] > 0)]
+    if df.empty:
+        raise UserError(f"R-matrix table has no rows for metric {metric!r}")
+    benchmark, n_tasks = df[["benchmark", "n_tasks"]].drop_duplicates().iloc[0]
+    T = int(n_tasks)
+    methods = list(pd.unique(df["method"]))
+    mean = df.groupby(["method", "after_task", "concept_index"])["value"].mean()
+    how = direction(metric)
+    cmap = matplotlib.colormaps["viridis" if how != "min" else "viridis_r"]
+    lo, hi = float(df["value"].min()), float(df["value"].max())
+    fig = Figure(figsize=(2.9 * len(methods) + 1.0, 2.7 + 0.05 * T), layout="constrained")
+    axes = fig.subplots(1, len(methods), squeeze=False)[0]
+    im = None
+    for ax, method in zip(axes, methods):
+        grid = np.full((T, T), np.nan)
+        for (t, k), v in mean[method].items():
+            grid[int(t) - 1, int(k) - 1] = v
+        im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=lo, vmax=hi)
+        if T <= 10:
+            for (i, j), v in np.ndenumerate(grid):
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=6,
+                            color="white" if (v - lo) / max(hi - lo, 1e-12) < 0.5 else "black")
+        ticks = range(0, T, max(1, T // 10))
+        ax.set_xticks(list(ticks), [str(i + 1) for i in ticks])
+        ax.set_yticks(list(ticks), [str(i + 1) for i in ticks])
+        ax.set_xlabel("concept / task k")
+        ax.set_title(method, fontsize=9)
+    axes[0].set_ylabel("after task t")
+    better = {"max": "higher is better", "min": "lower is better"}.get(how, "")
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label=f"{metric} ({better})" if better else metric)
+    fig.suptitle(f"{benchmark}, {T} tasks: R[t][k] of {metric} (mean over seeds)", fontsize=10)
+    return _save(fig, out_path, pdf)
+
+
+def accuracy_curves(r_matrix_df: pd.DataFrame, out_path: Path, metric: str = "acc", pdf: bool = True) -> list[Path]:
+    """Classification: mean accuracy over the tasks seen so far after each task, one line per method
+    (mean over seeds ± sample std band), one panel per sequence length."""
+    df = r_matrix_df[r_matrix_df["metric"] == metric]
+    if df.empty:
+        raise UserError(f"accuracy table has no rows for metric {metric!r}")
+    benchmark = df["benchmark"].iloc[0]
+    per_seed = (df[df["concept_index"] <= df["after_task"]]
+                .groupby(["n_tasks", "method", "seed", "after_task"])["value"].mean().reset_index())
+    stats = per_seed.groupby(["n_tasks", "method", "after_task"])["value"].agg(
+        mean="mean", std=lambda v: v.std(ddof=1), n="count").reset_index()
+    lengths = sorted(stats["n_tasks"].unique())
+    methods = list(pd.unique(df["method"]))
+    colors = dict(zip(methods, matplotlib.colormaps["tab10"](np.arange(len(methods)) % 10)))
+    fig = Figure(figsize=(3.6 * len(lengths) + 1.4, 3.2), layout="constrained")
+    axes = fig.subplots(1, len(lengths), sharey=True, squeeze=False)[0]
+    for ax, n in zip(axes, lengths):
+        for method in methods:
+            s = stats[(stats["n_tasks"] == n) & (stats["method"] == method)]
+            if s.empty:
+                continue
+            x, y = s["after_task"].to_numpy(), s["mean"].to_numpy()
+            ax.plot(x, y, marker="o", ms=3, color=colors[method], label=method)
+            band = (s["n"] >= 2).to_numpy()
+            if band.any():
+                sd = s["std"].to_numpy()
+                ax.fill_between(x[band], (y - sd)[band], (y + sd)[band], color=colors[method], alpha=0.15, lw=0)
+        ax.set_title(f"{int(n)} tasks", fontsize=9)
+        ax.set_xlabel("after task")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy on seen tasks (%)")
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(f"{benchmark}: accuracy over the sequence (mean over seeds)", fontsize=10)
+    return _save(fig, out_path, pdf)

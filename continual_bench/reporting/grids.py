@@ -19,16 +19,27 @@ def tile(images: np.ndarray, n: int = 4) -> np.ndarray:
 
 
 def sample_grid_from_npz(samples_npz, train_info: dict, out_path, title: str, per_cell: int = 4) -> list[Path]:
+    """Rows: the concepts in task order, then the bare class prompt (relevant-concept forgetting);
+    columns: the base model, then after each task. Cells never sampled stay empty."""
+    from ..evaluation.t2i_eval import generic_prompt, parse_sample_key
+
     samples = np.load(samples_npz)
     T = len(train_info["sequence"])
     first = samples[next(iter(samples.files))]
     cell = tile(first, per_cell)
-    grid = np.zeros((T, T) + cell.shape, np.uint8)
-    present = np.zeros((T, T), bool)
-    for key in samples.files:
-        t, k = (int(x) for x in key.replace("after", "").split("_concept"))
-        grid[k - 1, t - 1] = tile(samples[key], per_cell)
-        present[k - 1, t - 1] = True
+    keys = {parse_sample_key(key): key for key in samples.files}
+    with_generic = any(k == 0 for _, k in keys)
+    n_rows = T + int(with_generic)
+    grid = np.zeros((n_rows, T + 1) + cell.shape, np.uint8)
+    present = np.zeros((n_rows, T + 1), bool)
+    for (t, k), key in keys.items():
+        row = k - 1 if k else T
+        grid[row, t] = tile(samples[key], per_cell)
+        present[row, t] = True
     rows = [f"{tok} ({c})" for tok, c in zip(train_info["tokens"], train_info["sequence"])]
-    cols = [f"after task {t}" for t in range(1, T + 1)]
+    if with_generic:
+        rows.append(f'"{generic_prompt(train_info.get("class_word", ""))}"')
+    cols = ["base model"] + [f"after task {t}" for t in range(1, T + 1)]
+    if not present[:, 0].any():
+        grid, present, cols = grid[:, 1:], present[:, 1:], cols[1:]
     return sample_grid(grid, rows, cols, Path(out_path), title, present=present)

@@ -7,18 +7,26 @@ from pathlib import Path
 import pandas as pd
 
 from ..utils import UserError
-from .figures import forgetting_curves
+from .figures import accuracy_curves, forgetting_curves, r_matrix_heatmap
+from .reference import load_reference
 from .summary import load_metrics, write_summary
 from .tables import write_tables
 
 log = logging.getLogger(__name__)
 
 
-def build_report(run_dir: str | Path, metric_paths: list[str | Path] | None = None) -> list[Path]:
-    """Metric files -> ``summary.csv``, ``tables/*``, ``figures/forgetting_*`` under ``run_dir``.
+FIGURE_METRICS = ("oracle", "clip", "clip_t", "mmd")  # text-to-image R-matrix metrics with figures
+
+
+def build_report(run_dir: str | Path, metric_paths: list[str | Path] | None = None,
+                 reference_dir: str | Path | None = None) -> list[Path]:
+    """Metric files -> ``summary.csv``, ``tables/*`` and ``figures/summary/*`` under ``run_dir``.
 
     ``metric_paths`` defaults to every ``<run_dir>/runs/**/metrics.csv``; each run's ``R.csv`` beside
-    its ``metrics.csv`` feeds the forgetting curves.
+    its ``metrics.csv`` (text-to-image R[t][k], classification accuracy matrix) feeds the figures:
+    forgetting curves and R-matrix heatmaps per (benchmark, n_tasks, metric), accuracy-vs-task curves
+    per classification benchmark. Published numbers come from ``reference_dir`` (default
+    ``results/reference``). Nothing here touches a model: it takes seconds.
     """
     run_dir = Path(run_dir)
     paths = sorted(Path(p) for p in metric_paths) if metric_paths else sorted(run_dir.glob("runs/**/metrics.csv"))
@@ -26,14 +34,22 @@ def build_report(run_dir: str | Path, metric_paths: list[str | Path] | None = No
         raise UserError(f"{run_dir}: no runs/**/metrics.csv found; run the evaluation first")
     summary = write_summary(paths, run_dir / "summary.csv")
     written = [run_dir / "summary.csv"]
-    written += write_tables(summary, run_dir / "tables", per_seed_df=load_metrics(paths))
+    written += write_tables(summary, run_dir / "tables", per_seed_df=load_metrics(paths),
+                            reference_df=load_reference(reference_dir))
+    figures = run_dir / "figures" / "summary"
     r_paths = [p.parent / "R.csv" for p in paths if (p.parent / "R.csv").is_file()]
     if r_paths:
         R = pd.concat([pd.read_csv(p) for p in r_paths], ignore_index=True)
-        for (bench, n), sub in R.groupby(["benchmark", "n_tasks"]):
-            for metric in ("oracle", "clip", "mmd"):
-                if (sub.metric == metric).any():
-                    written += forgetting_curves(sub, run_dir / "figures" / f"forgetting_{bench}_T{n}_{metric}.png",
-                                                 metric)
+        if "track" not in R.columns:
+            R["track"] = "t2i"
+        for (track, bench), by_bench in R.groupby(["track", "benchmark"]):
+            if track == "cls":
+                written += accuracy_curves(by_bench, figures / f"accuracy_{bench}.png")
+            for n, sub in by_bench.groupby("n_tasks"):
+                for metric in (FIGURE_METRICS if track == "t2i" else ("acc",)):
+                    if (sub[sub.concept_index > 0].metric == metric).any():
+                        written += forgetting_curves(sub[sub.concept_index > 0],
+                                                     figures / f"forgetting_{bench}_T{n}_{metric}.png", metric)
+                        written += r_matrix_heatmap(sub, figures / f"heatmap_{bench}_T{n}_{metric}.png", metric)
     log.info("report: wrote %d files under %s", len(written), run_dir)
     return written

@@ -30,7 +30,7 @@ METRIC_DIRECTION: dict[str, str | None] = {
     "A_clip": "max", "F_clip": "min", "P_clip": "max",
     "A_oracle": "max", "F_oracle": "min", "P_oracle": "max",
     "N_train": None, "N_store": None,
-    "takeover": "min",
+    "takeover": "min", "takeover_base": None, "takeover_generic": "min",
     "A_N": "max", "F_N": "min",
 }
 
@@ -47,7 +47,7 @@ def direction(metric: str) -> str | None:
     """
     if metric in METRIC_DIRECTION:
         return METRIC_DIRECTION[metric]
-    if metric.startswith("F_"):
+    if metric.startswith(("F_", "Frel_")):
         return "min"
     if metric.startswith(("A_", "P_")):
         return "min" if metric.split("_", 1)[1].lower() in _DISTANCE_SUFFIXES else "max"

@@ -27,7 +27,8 @@ from continual_bench.utils import UserError, atomic_path, atomic_write_text
 
 PREFERRED_ORDER = {
     "t2i": ["N_train", "N_store", "P_mmd", "A_mmd", "F_mmd", "P_clip", "A_clip", "F_clip",
-            "P_oracle", "A_oracle", "F_oracle", "takeover"],
+            "P_clip_t", "A_clip_t", "F_clip_t", "P_oracle", "A_oracle", "F_oracle", "takeover",
+            "takeover_base", "takeover_generic", "Frel_mmd", "Frel_clip", "Frel_clip_t"],
     "cls": ["A_N", "F_N"],
 }
 ALPHA = 0.05
@@ -114,75 +115,137 @@ def _not_significant(per_seed: pd.DataFrame | None, metric: str, best: str, othe
     return out
 
 
-def _wide_csv(group: pd.DataFrame, methods: list[str], metrics: list[str]) -> pd.DataFrame:
+def _wide_csv(group: pd.DataFrame, methods: list[str], metrics: list[str], ref: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per method: ``<metric>`` and ``<metric>_std`` columns, ``source`` = this suite or the citation."""
     mean = group.pivot(index="method", columns="metric", values="mean").reindex(index=methods, columns=metrics)
     std = group.pivot(index="method", columns="metric", values="std").reindex(index=methods, columns=metrics)
     wide = pd.DataFrame(index=pd.Index(methods, name="method"))
     for m in metrics:
         wide[m] = mean[m]
         wide[f"{m}_std"] = std[m]
-    return wide.reset_index()
+    wide["source"] = "continual-bench"
+    wide = wide.reset_index()
+    if ref is not None and not ref.empty:
+        rows = []
+        for (method, source), r in ref.groupby(["method", "source"], sort=False):
+            row = {"method": method, "source": f"reported: {source} ({r.benchmark.iloc[0]})"}
+            for m in metrics:
+                hit = r[r.metric == m]
+                row[m] = float(hit["mean"].iloc[0]) if len(hit) else float("nan")
+                row[f"{m}_std"] = float(hit["std"].iloc[0]) if len(hit) else float("nan")
+            rows.append(row)
+        wide = pd.concat([wide, pd.DataFrame(rows)], ignore_index=True)
+    return wide
 
 
-def _caption(benchmark: str, n_tasks: int, n_seeds: pd.Series) -> str:
+def _caption(benchmark: str, n_tasks, n_seeds: pd.Series) -> str:
     lo, hi = int(n_seeds.min()), int(n_seeds.max())
     seeds = f"{hi} seed{'s' if hi != 1 else ''}" if lo == hi else f"{lo}--{hi} seeds"
-    return f"{latex_escape(benchmark)}, {n_tasks} tasks, mean $\\pm$ std over {seeds}"
+    tasks = f"{n_tasks} tasks" if isinstance(n_tasks, int) else "/".join(str(n) for n in n_tasks) + " tasks"
+    return f"{latex_escape(benchmark)}, {tasks}, mean $\\pm$ std over {seeds}"
 
 
-def _latex(group: pd.DataFrame, track: str, benchmark: str, n_tasks: int,
-           methods: list[str], metrics: list[str], per_seed: pd.DataFrame | None) -> str:
-    mean = group.pivot(index="method", columns="metric", values="mean").reindex(index=methods, columns=metrics)
-    std = group.pivot(index="method", columns="metric", values="std").reindex(index=methods, columns=metrics)
+def _styled_latex(mean: pd.DataFrame, std: pd.DataFrame, metric_of, seeds_of, ref_cells: pd.DataFrame | None,
+                  *, caption: str, label: str, header: str) -> str:
+    """Booktabs LaTeX of a methods x columns table through pandas Styler.
 
-    cells = pd.DataFrame(
-        {m: [format_cell(m, mean.at[r, m], std.at[r, m]) for r in methods] for m in metrics},
-        index=methods,
-    )
-    css = pd.DataFrame("", index=methods, columns=metrics)
-    for m in metrics:
-        best = _best_methods(mean[m], direction(m))
+    ``mean``/``std``: methods x column keys; ``metric_of(col)`` names a column's metric (for its format and
+    direction); ``seeds_of(col)`` gives the per-seed long table of that column (Welch) or None.
+    ``ref_cells``: already formatted reported rows, printed below a rule and never highlighted.
+    """
+    methods, cols = list(mean.index), list(mean.columns)
+    cells = pd.DataFrame({c: [format_cell(metric_of(c), mean.at[r, c], std.at[r, c]) for r in methods] for c in cols},
+                         index=methods)
+    css = pd.DataFrame("", index=methods, columns=cols)
+    for c in cols:
+        m = metric_of(c)
+        best = _best_methods(mean[c], direction(m))
         for b in best:
-            css.at[b, m] = BOLD
+            css.at[b, c] = BOLD
         if len(best) == 1:
-            others = [r for r in methods if r not in best and math.isfinite(mean.at[r, m])]
-            for r in _not_significant(per_seed, m, best[0], others):
-                css.at[r, m] = UNDERLINE
+            others = [r for r in methods if r not in best and math.isfinite(mean.at[r, c])]
+            for r in _not_significant(seeds_of(c), m, best[0], others):
+                css.at[r, c] = UNDERLINE
+    n_own = len(cells)
+    if ref_cells is not None and not ref_cells.empty:
+        cells = pd.concat([cells, ref_cells[cols]])
+        css = pd.concat([css, pd.DataFrame("", index=ref_cells.index, columns=cols)])
 
-    cells.columns = [latex_escape(m) + ARROW[direction(m)] for m in metrics]
-    css.columns = cells.columns
-    cells.columns.name = "Method"
-    styler = cells.style.apply(lambda _: css, axis=None)
+    def head(c):
+        m = metric_of(c)
+        name = latex_escape(m) + ARROW[direction(m)]
+        return (f"{c[0]} tasks", name) if isinstance(c, tuple) else name
+
+    heads = [head(c) for c in cols]
+    multi = isinstance(cols[0], tuple)
+    cells.columns = css.columns = pd.MultiIndex.from_tuples(heads) if multi else pd.Index(heads)
+    cells.columns.names = [None, "Method"] if multi else ["Method"]
+    styler = cells.style.apply(lambda _: css.values, axis=None)
     styler = styler.format_index(escape="latex", axis=0)
-    tex = styler.to_latex(
-        hrules=True,
-        column_format="l" + "c" * len(metrics),
-        caption=_caption(benchmark, n_tasks, group["n_seeds"]),
-        label=f"tab:{benchmark}_T{n_tasks}",
-        position_float="centering",
-    )
-    header = f"% {track} / {benchmark} / T={n_tasks}: bold = best mean per column (arrow: better direction).\n"
-    if per_seed is not None:
-        header += (
-            "% Underlined: not significantly different from the bold method "
-            f"(Welch's t-test, two-sided p >= {ALPHA}, both methods with >= 2 seeds).\n"
-        )
+    tex = styler.to_latex(hrules=True, column_format="l" + "c" * len(cols), caption=caption, label=label,
+                          position_float="centering", multicol_align="c")
+    if len(cells) > n_own:  # a rule between this suite's rows and the reported ones
+        lines = tex.splitlines()
+        first_ref = latex_escape(str(cells.index[n_own]))
+        i = next(i for i, ln in enumerate(lines) if ln.startswith(first_ref))
+        lines.insert(i, r"\midrule")
+        tex = "\n".join(lines) + "\n"
     return header + tex
 
 
-def write_tables(summary_df: pd.DataFrame, out_dir: Path, per_seed_df: pd.DataFrame | None = None) -> list[Path]:
-    """Write ``<benchmark>_T<n_tasks>.csv`` and ``.tex`` per (track, benchmark, n_tasks) into ``out_dir``.
+def _header(track: str, what: str, per_seed: bool, ref: pd.DataFrame | None) -> str:
+    header = f"% {track} / {what}: bold = best mean per column (arrow: better direction).\n"
+    if per_seed:
+        header += ("% Underlined: not significantly different from the bold method "
+                   f"(Welch's t-test, two-sided p >= {ALPHA}, both methods with >= 2 seeds).\n")
+    if ref is not None and not ref.empty:
+        for source, r in ref.groupby("source"):
+            header += f"% Rows below the rule are reported by {source} on {', '.join(sorted(set(r.benchmark)))}, not run here.\n"
+    return header
+
+
+def _ref_cells(ref: pd.DataFrame | None, cols, metric_of, ntasks_of, benchmark: str) -> pd.DataFrame | None:
+    """Reported rows, formatted: label ``<method> (reported)`` or ``(reported, <dataset>)`` for mirrors."""
+    if ref is None or ref.empty:
+        return None
+    out = {}
+    for method, r in ref.groupby("method", sort=False):
+        where = "" if set(r.benchmark) == {benchmark} else f", {r.benchmark.iloc[0]}"
+        row = {}
+        for c in cols:
+            hit = r[(r.metric == metric_of(c)) & (r.n_tasks == ntasks_of(c))]
+            row[c] = (format_cell(metric_of(c), float(hit["mean"].iloc[0]), float(hit["std"].iloc[0]))
+                      if len(hit) else "--")
+        out[f"{method} (reported{where})"] = row
+    return pd.DataFrame.from_dict(out, orient="index")
+
+
+def write_tables(summary_df: pd.DataFrame, out_dir: Path, per_seed_df: pd.DataFrame | None = None,
+                 reference_df: pd.DataFrame | None = None) -> list[Path]:
+    """Write ``<benchmark>_T<n_tasks>.csv`` and ``.tex`` per (track, benchmark, n_tasks) into ``out_dir``,
+    and for the classification track ``<benchmark>_combined.csv/.tex`` with the sequence lengths side by side.
 
     ``summary_df`` is the output of summarize(); ``per_seed_df`` (optional) is the long per-seed
-    table from load_metrics(), used for the Welch underlining. If one (benchmark, n_tasks) occurs
-    in several tracks, file names get a ``<track>_`` prefix. Returns the written paths.
+    table from load_metrics(), used for the Welch underlining; ``reference_df`` (optional, see
+    reference.load_reference) adds published numbers as a separate block of rows. If one
+    (benchmark, n_tasks) occurs in several tracks, file names get a ``<track>_`` prefix.
     """
+    from .reference import reference_for
+
     missing = [c for c in SUMMARY_COLUMNS if c not in summary_df.columns]
     if missing:
         raise UserError(f"summary table lacks column(s) {', '.join(missing)}")
     out_dir = Path(out_dir)
     tracks_per_bench = summary_df.groupby(["benchmark", "n_tasks"])["track"].nunique()
     written: list[Path] = []
+
+    def seeds(track, benchmark, n_tasks):
+        if per_seed_df is None:
+            return None
+        sel = ((per_seed_df["track"] == track) & (per_seed_df["benchmark"] == benchmark)
+               & (per_seed_df["n_tasks"] == n_tasks))
+        return per_seed_df[sel]
+
     for (track, benchmark, n_tasks), group in summary_df.groupby(["track", "benchmark", "n_tasks"], sort=True):
         if not _SAFE_NAME.match(str(benchmark)):
             raise UserError(f"benchmark name {benchmark!r} is not usable in a file name")
@@ -192,19 +255,68 @@ def write_tables(summary_df: pd.DataFrame, out_dir: Path, per_seed_df: pd.DataFr
         stem = f"{benchmark}_T{n_tasks}"
         if tracks_per_bench[(benchmark, n_tasks)] > 1:
             stem = f"{track}_{stem}"
-        per_seed = None
-        if per_seed_df is not None:
-            sel = (
-                (per_seed_df["track"] == track)
-                & (per_seed_df["benchmark"] == benchmark)
-                & (per_seed_df["n_tasks"] == n_tasks)
-            )
-            per_seed = per_seed_df[sel]
-
+        per_seed = seeds(track, benchmark, n_tasks)
+        ref = reference_for(reference_df, track, benchmark, n_tasks)
+        ref = ref[ref.metric.isin(metrics)]
+        mean = group.pivot(index="method", columns="metric", values="mean").reindex(index=methods, columns=metrics)
+        std = group.pivot(index="method", columns="metric", values="std").reindex(index=methods, columns=metrics)
         csv_path = out_dir / f"{stem}.csv"
         with atomic_path(csv_path) as tmp:
-            _wide_csv(group, methods, metrics).to_csv(tmp, index=False)
+            _wide_csv(group, methods, metrics, ref).to_csv(tmp, index=False)
+        tex = _styled_latex(mean, std, lambda c: c, lambda c: per_seed,
+                            _ref_cells(ref, metrics, lambda c: c, lambda c: n_tasks, benchmark),
+                            caption=_caption(benchmark, n_tasks, group["n_seeds"]),
+                            label=f"tab:{benchmark}_T{n_tasks}",
+                            header=_header(track, f"{benchmark} / T={n_tasks}", per_seed is not None, ref))
         tex_path = out_dir / f"{stem}.tex"
-        atomic_write_text(tex_path, _latex(group, track, benchmark, n_tasks, methods, metrics, per_seed))
+        atomic_write_text(tex_path, tex)
         written += [csv_path, tex_path]
+
+    for benchmark, group in summary_df[summary_df.track == "cls"].groupby("benchmark", sort=True):
+        written += _write_combined(group, benchmark, out_dir, seeds, reference_for(reference_df, "cls", benchmark))
     return written
+
+
+COMBINED_METRICS = ["A_N", "F_N"]
+
+
+def _write_combined(group: pd.DataFrame, benchmark: str, out_dir: Path, seeds, ref: pd.DataFrame) -> list[Path]:
+    """Classification: A_N and F_N for every sequence length side by side (CODA-Prompt's table layout)."""
+    lengths = sorted(int(n) for n in group.n_tasks.unique())
+    metrics = [m for m in COMBINED_METRICS if m in set(group.metric)]
+    if not metrics:
+        return []
+    methods = list(pd.unique(group["method"]))
+    cols = [(n, m) for n in lengths for m in metrics]
+    mean = pd.DataFrame(index=methods, columns=pd.Index(cols, tupleize_cols=False), dtype=float)
+    std = mean.copy()
+    for r in group[group.metric.isin(metrics)].itertuples():
+        mean.at[r.method, (int(r.n_tasks), r.metric)] = r.mean
+        std.at[r.method, (int(r.n_tasks), r.metric)] = r.std
+    flat = pd.DataFrame({"method": methods})
+    for n, m in cols:
+        flat[f"{m}_T{n}"] = mean[(n, m)].to_numpy()
+        flat[f"{m}_T{n}_std"] = std[(n, m)].to_numpy()
+    flat["source"] = "continual-bench"
+    ref = ref[ref.metric.isin(metrics) & ref.n_tasks.isin(lengths)]
+    if not ref.empty:
+        rows = []
+        for (method, source), r in ref.groupby(["method", "source"], sort=False):
+            row = {"method": method, "source": f"reported: {source} ({r.benchmark.iloc[0]})"}
+            for n, m in cols:
+                hit = r[(r.metric == m) & (r.n_tasks == n)]
+                row[f"{m}_T{n}"] = float(hit["mean"].iloc[0]) if len(hit) else float("nan")
+                row[f"{m}_T{n}_std"] = float(hit["std"].iloc[0]) if len(hit) else float("nan")
+            rows.append(row)
+        flat = pd.concat([flat, pd.DataFrame(rows)], ignore_index=True)
+    csv_path = out_dir / f"{benchmark}_combined.csv"
+    with atomic_path(csv_path) as tmp:
+        flat.to_csv(tmp, index=False)
+    n_seeds = group["n_seeds"]
+    tex = _styled_latex(mean, std, lambda c: c[1], lambda c: seeds("cls", benchmark, c[0]),
+                        _ref_cells(ref, cols, lambda c: c[1], lambda c: c[0], benchmark),
+                        caption=_caption(benchmark, lengths, n_seeds), label=f"tab:{benchmark}_combined",
+                        header=_header("cls", f"{benchmark} / T={lengths}", seeds("cls", benchmark, lengths[0]) is not None, ref))
+    tex_path = out_dir / f"{benchmark}_combined.tex"
+    atomic_write_text(tex_path, tex)
+    return [csv_path, tex_path]

@@ -53,8 +53,8 @@ def run_targets(pattern):
 
 
 def all_outputs():
-    return [f"{RESULTS}/summary.csv"] + run_targets(
-        "{results}/figures/samples_{benchmark}_T{n_tasks}_{method}_seed{seed}.png")
+    return [f"{RESULTS}/summary.csv", f"{RESULTS}/config.yaml"] + run_targets(
+        "{results}/figures/samples/{benchmark}_T{n_tasks}_{method}_seed{seed}.png")
 
 
 def toy(key):

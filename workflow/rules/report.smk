@@ -1,11 +1,16 @@
-# Summary, tables and figures from the per-run metric files alone (seconds; no model is touched).
+# Summary, tables and figures from the per-run metric files alone (seconds; no model is touched), and the
+# resolved configuration of the run: `snakemake --report report.html` collects all of them.
 
 
 rule tables:
     input:
         run_targets("{results}/runs/{benchmark}/T{n_tasks}/{method}/seed{seed}/metrics.csv"),
     output:
-        summary=report(f"{RESULTS}/summary.csv", category="Results"),
+        summary=report(f"{RESULTS}/summary.csv", category="Results", labels={"table": "summary (mean, std over seeds)"}),
+        tables=report(directory(f"{RESULTS}/tables"), patterns=["{name}.csv"], category="Results",
+                      labels={"table": "{name}"}),
+        figures=report(directory(f"{RESULTS}/figures/summary"), patterns=["{name}.png"], category="Figures",
+                       labels={"figure": "{name}"}),
     log:
         f"{LOGS}/tables.log",
     params:
@@ -14,3 +19,16 @@ rule tables:
         CONDA_ENV
     shell:
         "continual-bench tables {params.run_dir} --metrics {input} 2> {log}"
+
+
+rule run_config:
+    output:
+        report(f"{RESULTS}/config.yaml", category="Configuration", labels={"file": "config (validated, with defaults)"}),
+    log:
+        f"{LOGS}/config.log",
+    params:
+        cfg=json.dumps(config, sort_keys=True),
+    conda:
+        CONDA_ENV
+    shell:
+        "continual-bench write-config --json {params.cfg:q} --out {output} 2> {log}"

@@ -70,7 +70,9 @@ rule evaluate:
     output:
         metrics=f"{RUN_DIR}/metrics.csv",
         R=f"{RUN_DIR}/R.csv",
-        figure="{results}/figures/samples_{benchmark}_T{n_tasks}_{method}_seed{seed}.png",
+        figure=report("{results}/figures/samples/{benchmark}_T{n_tasks}_{method}_seed{seed}.png",
+                      category="Samples", subcategory="{benchmark}, {n_tasks} tasks",
+                      labels={"method": "{method}", "seed": "{seed}"}),
     log:
         f"{RUN_DIR}/logs/evaluate.log",
     params:
