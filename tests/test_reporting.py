@@ -261,6 +261,9 @@ def test_heatmap_and_accuracy_curves(tmp_path):
 
     paths = r_matrix_heatmap(_r_long(), tmp_path / "h.png", "oracle")
     assert [p.suffix for p in paths] == [".png", ".pdf"] and paths[0].stat().st_size > 2000
+    first = paths[1].read_bytes()
+    r_matrix_heatmap(_r_long(), tmp_path / "h.png", "oracle")
+    assert paths[1].read_bytes() == first  # regenerated figures are byte-identical (no PDF creation date)
     acc = pd.concat([_r_long("acc", 3).assign(track="cls"), _r_long("acc", 4).assign(track="cls")])
     assert accuracy_curves(acc, tmp_path / "a.png")[0].stat().st_size > 2000
     with pytest.raises(UserError, match="clip"):

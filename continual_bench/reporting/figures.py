@@ -29,7 +29,9 @@ def _save(fig: Figure, out_path: Path, pdf: bool) -> list[Path]:
     for fmt in ("png", "pdf") if pdf else ("png",):
         path = out_path.with_suffix(f".{fmt}")
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
+            # no creation date in the PDF: regenerating the figures from the same metrics gives the same bytes
+            meta = {"CreationDate": None} if fmt == "pdf" else {}
+            fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight", metadata=meta)
         written.append(path)
     return written
 
