@@ -11,7 +11,7 @@ configfile: "config/config.yaml"
 
 
 # `--config 'n_tasks=[5,10]'` gives strings inside lists: make them the integers the schema expects
-for _key in ("n_tasks", "seeds"):
+for _key in ("n_tasks", "seeds", "cls_n_tasks", "cls_seeds"):
     if isinstance(config.get(_key), list):
         config[_key] = [int(v) if isinstance(v, str) and v.isdigit() else v for v in config[_key]]
 
@@ -25,6 +25,7 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/toy.smk"
 include: "workflow/rules/t2i.smk"
+include: "workflow/rules/cls.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -133,6 +133,45 @@ def cmd_write_config(a):
                       + yaml.safe_dump(_json_arg(a.json), sort_keys=True))
 
 
+def cmd_make_toy_imagenet_r(a):
+    from .data.toy_imagenet_r import write_toy_imagenet_r
+
+    write_toy_imagenet_r(a.out, seed=a.seed, n_classes=a.n_classes, n_train=a.n_train, n_test=a.n_test,
+                         n_pretrain=a.n_pretrain)
+
+
+def cmd_prepare_imagenet_r(a):
+    from .data.imagenet_r import prepare_imagenet_r
+
+    prepare_imagenet_r(a.images, a.splits, a.out, mode=a.mode)
+
+
+def cmd_pretrain_vit(a):
+    from .backbones.vit import ToyViTConfig, pretrain_toy_vit
+
+    cfg = ToyViTConfig(patch_size=a.patch_size, embed_dim=a.embed_dim, depth=a.depth, num_heads=a.heads)
+    pretrain_toy_vit(a.data, a.out, cfg=cfg, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
+
+
+def cmd_train_cls(a):
+    from .engine.cls import ClsRunSpec, accuracy_matrix, train_sequence, write_train_summary
+    from .evaluation.cls_metrics import write_cls_results
+    from .utils import provenance
+
+    spec = ClsRunSpec(backbone=a.backbone, backbone_name=a.backbone_name, data_dir=a.data, method=a.method,
+                      n_tasks=a.n_tasks, seed=a.seed, settings=_json_arg(a.settings), device=a.device,
+                      augment=a.augment, image_size=a.image_size, workers=a.workers)
+    metas = train_sequence(spec, a.ckpt_dir)
+    write_train_summary(spec, metas, a.out_train)
+    ident = {"track": "cls", "benchmark": a.benchmark, "n_tasks": a.n_tasks, "method": a.method, "seed": a.seed}
+    cfg = {"run": ident, "settings": spec.settings.__dict__, "order": spec.order, "augment": spec.augment,
+           "backbone": str(spec.backbone)}
+    n_test = [len(spec.ds.split("test").select(t.classes)) for t in spec.tasks]
+    write_cls_results(accuracy_matrix(spec, metas), n_test=n_test, n_train=sum(m["N_train"] for m in metas) / len(metas),
+                      n_store=metas[-1]["N_store"], ident=ident, provenance=provenance(cfg), out_metrics=a.out_metrics,
+                      out_acc=a.out_acc, out_R=a.out_R, full=not spec.method_cls.joint)
+
+
 def cmd_tables(a):
     from .reporting.report import build_report
 
@@ -237,6 +276,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_write_config)
+
+    # ---- classification track
+    p = sub.add_parser("make-toy-imagenet-r", help="generate the toy_imagenet_r classification world")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-classes", type=int, default=40)
+    p.add_argument("--n-train", type=int, default=12, help="training images per class and rendition")
+    p.add_argument("--n-test", type=int, default=3, help="test images per class and rendition")
+    p.add_argument("--n-pretrain", type=int, default=100, help="photo images per class for the backbone")
+    p.set_defaults(func=cmd_make_toy_imagenet_r)
+
+    p = sub.add_parser("prepare-imagenet-r", help="link extracted ImageNet-R + CODA-P split files into a dataset folder")
+    p.add_argument("--images", required=True, help="folder holding imagenet-r/<wnid>/<file>.jpg")
+    p.add_argument("--splits", required=True, help="folder holding imagenet-r_train.yaml and imagenet-r_test.yaml")
+    p.add_argument("--out", required=True)
+    p.add_argument("--mode", choices=["symlink", "hardlink", "copy"], default="symlink")
+    p.set_defaults(func=cmd_prepare_imagenet_r)
+
+    p = sub.add_parser("pretrain-vit", help="pretrain the toy ViT on a toy classification world's photo rendition")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--embed-dim", type=int, default=96)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_pretrain_vit)
+
+    p = sub.add_parser("train-cls", help="train + evaluate one class-incremental run (resumable)")
+    p.add_argument("--backbone", required=True, help="ViT safetensors file or folder")
+    p.add_argument("--backbone-name", default=None, help="timm model name when the folder does not say")
+    p.add_argument("--data", required=True, help="prepared classification dataset (class folders = label ids)")
+    p.add_argument("--benchmark", required=True)
+    p.add_argument("--method", required=True)
+    p.add_argument("--n-tasks", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--settings", default="{}", help="JSON object of method settings")
+    p.add_argument("--ckpt-dir", required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--augment", choices=["flip", "rrc", "none"], default="flip")
+    p.add_argument("--image-size", type=int, default=None, help="default: the backbone's")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (augment=rrc)")
+    p.add_argument("--out-train", required=True)
+    p.add_argument("--out-metrics", required=True)
+    p.add_argument("--out-acc", required=True)
+    p.add_argument("--out-R", default=None, help="the accuracy matrix in the R-matrix format the figures read")
+    p.set_defaults(func=cmd_train_cls)
 
     p = sub.add_parser("tables", help="summary.csv, tables and figures of a run directory from its metric files")
     p.add_argument("run_dir")

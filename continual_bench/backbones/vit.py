@@ -42,6 +42,38 @@ WEIGHTS_NAME = "model.safetensors"
 PAPER_VIT = "vit_base_patch16_224.augreg_in21k_ft_in1k"
 
 
+def _conv_stem_class():
+    from timm.layers import PatchEmbed
+
+    class ConvStemPatchEmbed(PatchEmbed):
+        """timm ``PatchEmbed`` whose linear patch projection is a small stack of strided 3x3 convolutions
+        (total stride = patch size), each followed by GroupNorm(1) and GELU, on the input standardized as
+        ``(x - 0.5) / 0.25`` (the backbone still takes [0, 1] images). "Early convolutions help transformers
+        see better" (Xiao et al., NeurIPS 2021): a ViT with a convolutional stem trains far faster from
+        scratch. Measured here: a plain linear patch embedding (or a stem without the normalizations) stayed
+        at chance for 600 steps on ``toy_imagenet_r`` photos; this stem learns within the CPU budget. The
+        transformer blocks are timm's, unchanged."""
+
+        def __init__(self, img_size=32, patch_size=4, in_chans=3, embed_dim=96, bias=True, **kwargs):
+            super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                             bias=bias, **kwargs)
+            n_down = int(round(math.log2(patch_size)))
+            if 2 ** n_down != patch_size:
+                raise ValueError(f"conv stem needs a power-of-two patch size, got {patch_size}")
+            layers, c = [], in_chans
+            for i in range(n_down):  # widths ramp up to embed_dim: e.g. 32, 48, 64 for 64 and patch 8
+                c_out = max(16, embed_dim * (i + 2) // (n_down + 1))
+                layers += [nn.Conv2d(c, c_out, 3, stride=2, padding=1), nn.GroupNorm(1, c_out), nn.GELU()]
+                c = c_out
+            layers.append(nn.Conv2d(c, embed_dim, 1, bias=bias))
+            self.proj = nn.Sequential(*layers)
+
+        def forward(self, x):
+            return super().forward((x - 0.5) / 0.25)
+
+    return ConvStemPatchEmbed
+
+
 @dataclass
 class ToyViTConfig:
     """A tiny ViT for 32x32 images (timm ``VisionTransformer`` keyword arguments)."""
@@ -52,10 +84,12 @@ class ToyViTConfig:
     depth: int = 6
     num_heads: int = 4
     mlp_ratio: float = 2.0
+    conv_stem: bool = True  # a convolutional stem (_conv_stem_class) instead of the linear patch projection
 
     def timm_kwargs(self) -> dict:
         return {"img_size": self.img_size, "patch_size": self.patch_size, "embed_dim": self.embed_dim,
-                "depth": self.depth, "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio}
+                "depth": self.depth, "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio,
+                "conv_stem": self.conv_stem}
 
 
 # ------------------------------------------------------------------------------------------- prefix attention
@@ -144,6 +178,8 @@ def build_vit(model_name: str, kwargs: dict | None = None) -> nn.Module:
     kwargs = dict(kwargs or {})
     kwargs["num_classes"] = 0
     if model_name == "toy_vit":
+        if kwargs.pop("conv_stem", False):
+            kwargs["embed_layer"] = _conv_stem_class()
         return VisionTransformer(**kwargs)
     try:
         return timm.create_model(model_name, pretrained=False, **kwargs)
@@ -213,18 +249,11 @@ def load_vit(path: str | Path, model_name: str | None = None, device: str = "cpu
 
 
 # ------------------------------------------------------------------------------------------- toy pretraining
-def _augment(x: torch.Tensor, g: torch.Generator, pad: int = 3) -> torch.Tensor:
-    """Random horizontal flip and random translation (reflect-pad + crop), per image."""
-    B, _, H, W = x.shape
-    flip = torch.rand(B, generator=g) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dx = torch.randint(0, 2 * pad + 1, (B,), generator=g)
-    dy = torch.randint(0, 2 * pad + 1, (B,), generator=g)
-    rows = (dy[:, None] + torch.arange(H)[None]).clamp(max=H + 2 * pad - 1)
-    cols = (dx[:, None] + torch.arange(W)[None])
-    idx_b = torch.arange(B)[:, None, None]
-    return xp.permute(0, 2, 3, 1)[idx_b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip per image (the world already varies position, scale, rotation and colour;
+    extra translations slowed pretraining down more than they helped)."""
+    flip = torch.rand(x.shape[0], generator=g) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 @torch.no_grad()
@@ -243,7 +272,7 @@ def ncm_accuracy(bb: ViTBackbone, x_tr, y_tr, x_te, y_te, batch: int = 512) -> f
 def pretrain_toy_vit(data: str | Path, out: str | Path, *, cfg: ToyViTConfig | None = None, steps: int = 600,
                      batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.05, seed: int = 0) -> Path:
     """Pretrain the toy ViT to classify the ``pretrain`` split (photo rendition) of a toy classification
-    dataset: AdamW, linear warm-up then cosine, label smoothing 0.1, flips and translations. Writes
+    dataset: AdamW (weight decay 0.05), 50 warm-up steps then cosine, random flips. Writes
     ``model.safetensors`` + ``vit_config.json`` (with held-out photo accuracy and the nearest-class-mean
     accuracy of the frozen features on the continual-learning renditions, a transfer diagnostic)."""
     from ..data.cls_data import ClsDataset, load_split_tensor
@@ -260,10 +289,8 @@ def pretrain_toy_vit(data: str | Path, out: str | Path, *, cfg: ToyViTConfig | N
     vit = build_vit("toy_vit", kwargs)
     head = nn.Linear(vit.embed_dim, ds.n_classes)
     model = nn.Sequential(vit, head)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos_embed" not in n and "cls_token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "pos_embed" not in n and "cls_token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    warm = max(1, steps // 20)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    warm = min(50, max(1, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
     t0, losses = time.time(), []
@@ -271,10 +298,9 @@ def pretrain_toy_vit(data: str | Path, out: str | Path, *, cfg: ToyViTConfig | N
     for step in range(steps):
         idx = torch.randint(0, len(x_tr), (batch_size,), generator=g)
         xb = _augment(x_tr[idx].float() / 255, g)
-        loss = F.cross_entropy(model(xb), y_tr[idx], label_smoothing=0.1)
+        loss = F.cross_entropy(model(xb), y_tr[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())

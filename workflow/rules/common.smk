@@ -48,8 +48,14 @@ def eval_settings():
 
 
 def run_targets(pattern):
-    return expand(pattern, results=RESULTS, benchmark=config["benchmarks"], n_tasks=config["n_tasks"],
-                  method=config["methods"], seed=config["seeds"])
+    """Files of every configured run: the t2i runs, plus the cls runs for files inside a run folder
+    ("{results}/runs/..."), so the tables rule's metrics.csv inputs cover both tracks."""
+    out = expand(pattern, results=RESULTS, benchmark=config["benchmarks"], n_tasks=config["n_tasks"],
+                 method=config["methods"], seed=config["seeds"])
+    if pattern.startswith("{results}/runs/"):
+        out += expand(pattern, results=RESULTS, benchmark=config["cls_benchmarks"], n_tasks=config["cls_n_tasks"],
+                      method=config["cls_methods"], seed=config["cls_seeds"])
+    return out
 
 
 def all_outputs():

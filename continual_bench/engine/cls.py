@@ -1,0 +1,367 @@
+"""The class-incremental training engine: one loop for every ``cls`` method, a checkpoint per task,
+evaluation of every seen task after every task.
+
+Protocol (CODA-Prompt, REFERENCE.md section 2): the class order is CODA-P's (seed 0 = label order,
+seed s > 0 = ``random.seed(s); random.shuffle``), tasks are consecutive chunks, head output j = j-th class
+of the order. Per task: a fresh Adam (betas 0.9/0.999) over ``method.param_groups()``, ``epochs`` passes
+over the task's training images in batches of ``batch_size`` (reshuffled every epoch, last partial batch
+kept), CODA-P's cosine schedule ``lr * cos(99 pi e / (200 (K-1)))`` stepped per epoch, bf16 autocast on
+GPU. After task t every seen task i <= t is evaluated on its test images with logits over all seen
+classes ``[0, hi_t)``: ``acc[t][i]`` = top-1 accuracy in percent (the row is stored in the task's
+``meta.json``). Joint methods (upper bound) train once on all classes and are evaluated per task.
+
+Augmentation (``augment``): ``flip`` (toy profile) = random horizontal flip; each image has two fixed
+views, so ``method.precompute`` (frozen-backbone features such as prompt queries) runs once per task
+over all views, and once per run over the test images. ``rrc`` (paper profile) = RandomResizedCrop +
+flip for training, Resize(256 * size / 224) + CenterCrop for testing, images read from disk by a
+DataLoader; nothing is cached. ``none`` = no augmentation.
+
+Resume: before every task the method is rebuilt from the backbone on disk and the previous task's
+checkpoint (``method.load_state``), whether or not the process restarted, and every task's randomness
+is seeded from (seed, task); a killed run continues at the first task without a checkpoint and produces
+the same accuracy matrix. Checkpoint layout under ``ckpt_root``::
+
+    <fingerprint>/run.json                      what the fingerprint covers
+    <fingerprint>/task_001/meta.json            accuracies after task 1, N_train, N_store, loss, seconds
+    <fingerprint>/task_003/state.safetensors    method.state_dict() (only the last finished task's is kept)
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..backbones.vit import load_vit
+from ..data.cls_data import ClsDataset, Split, class_order, load_split_tensor, task_classes
+from ..methods.base import build_settings
+from ..methods.cls_base import ClsMethod, ClsTask, cosine_factor
+from ..methods.registry import get_method
+from ..utils import UserError, atomic_write_json, config_hash, seed_everything, stable_seed
+from .t2i import resolve_device
+
+log = logging.getLogger(__name__)
+AUGMENTS = ("flip", "rrc", "none")
+
+
+def make_cls_tasks(order: list[int], n_tasks: int) -> list[ClsTask]:
+    tasks: list[ClsTask] = []
+    lo = 0
+    for i, classes in enumerate(task_classes(order, n_tasks), start=1):
+        tasks.append(ClsTask(index=i, classes=list(classes), lo=lo, hi=lo + len(classes), n_tasks=n_tasks,
+                             past=list(tasks)))
+        lo += len(classes)
+    return tasks
+
+
+class ClsRunSpec:
+    """Everything that identifies one class-incremental run (benchmark x n_tasks x method x seed)."""
+
+    def __init__(self, *, backbone: str | Path, data_dir: str | Path, method: str, n_tasks: int, seed: int,
+                 settings: dict | None = None, device: str = "auto", backbone_name: str | None = None,
+                 augment: str = "flip", image_size: int | None = None, workers: int = 0, eval_batch_size: int = 256):
+        if augment not in AUGMENTS:
+            raise UserError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+        self.backbone = Path(backbone)
+        self.backbone_name = backbone_name
+        self.ds = ClsDataset(data_dir)
+        self.method_cls: type[ClsMethod] = get_method("cls", method)
+        self.settings = build_settings(self.method_cls.Settings, settings, f"cls_method_settings.{method}")
+        if self.settings.epochs < 1 or self.settings.batch_size < 1:
+            raise UserError(f"cls_method_settings.{method}: epochs and batch_size must be >= 1")
+        self.n_tasks, self.seed, self.augment = n_tasks, seed, augment
+        self.device = resolve_device(device)
+        self.image_size = image_size
+        self.workers = workers
+        self.eval_batch_size = eval_batch_size
+        self.order = class_order(self.ds.n_classes, seed)
+        self.tasks = make_cls_tasks(self.order, n_tasks)
+        self.position = np.empty(self.ds.n_classes, dtype=np.int64)  # label id -> head output
+        self.position[np.asarray(self.order)] = np.arange(len(self.order))
+        C = self.ds.n_classes
+        self.train_tasks = ([ClsTask(index=1, classes=list(self.order), lo=0, hi=C, n_tasks=1)]
+                            if self.method_cls.joint else self.tasks)
+
+    # ------------------------------------------------------------------ identity
+    def fingerprint(self) -> str:
+        weights = [self.backbone] if self.backbone.is_file() else sorted(self.backbone.rglob("*.safetensors"))
+        manifest = self.ds.root / "manifest.csv"
+        ident = {"method": self.method_cls.name, "settings": self.settings.__dict__, "seed": self.seed,
+                 "order": self.order, "n_tasks": self.n_tasks, "augment": self.augment, "image_size": self.image_size,
+                 "backbone": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights],
+                 "data": (manifest.stat().st_size, manifest.stat().st_mtime_ns)}
+        return config_hash(ident)
+
+    def checkpoint_dir(self, ckpt_root: str | Path) -> Path:
+        d = Path(ckpt_root) / self.fingerprint()
+        d.mkdir(parents=True, exist_ok=True)
+        if not (d / "run.json").exists():
+            atomic_write_json(d / "run.json", {"method": self.method_cls.name, "settings": self.settings.__dict__,
+                                               "seed": self.seed, "order": self.order, "n_tasks": self.n_tasks,
+                                               "augment": self.augment, "backbone": str(self.backbone)})
+        return d
+
+    # ------------------------------------------------------------------ models
+    def new_method(self) -> ClsMethod:
+        bb = load_vit(self.backbone, self.backbone_name, device="cpu")
+        if self.image_size is None:
+            self.image_size = bb.img_size
+        seed_everything(stable_seed("cls-init", self.method_cls.name, self.seed))  # heads, prompt pools
+        method = self.method_cls(bb, self.settings, seed=self.seed, n_classes=self.ds.n_classes, n_tasks=self.n_tasks)
+        return method.to(self.device)
+
+    def restore(self, ckpt_dir: Path, tasks_done: int) -> ClsMethod:
+        method = self.new_method()
+        if tasks_done > 0:
+            state = load_file(str(ckpt_dir / f"task_{tasks_done:03d}" / "state.safetensors"), device=self.device)
+            method.load_state(state, self.train_tasks[:tasks_done])
+        return method
+
+
+# ------------------------------------------------------------------------------------------- data
+class TaskData:
+    """Training and test images of a run, as positions in the class order.
+
+    ``flip``/``none``: all images held in memory as uint8 (small datasets: the toy world);
+    ``rrc``: image paths, decoded and augmented by a DataLoader."""
+
+    def __init__(self, spec: ClsRunSpec):
+        self.spec = spec
+        self.in_memory = spec.augment in ("flip", "none")
+        self.train: Split = spec.ds.split("train")
+        self.test: Split = spec.ds.split("test")
+        self._mem: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._test_cache: dict[int, dict] = {}
+
+    def _tensor(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if split not in self._mem:
+            x, labels = load_split_tensor(self.train if split == "train" else self.test, size=self.spec.image_size)
+            self._mem[split] = (x, torch.from_numpy(self.spec.position[labels.numpy()]))
+        return self._mem[split]
+
+    def indices(self, split: str, task: ClsTask) -> np.ndarray:
+        labels = (self.train if split == "train" else self.test).labels
+        pos = self.spec.position[labels]
+        return np.nonzero((pos >= task.lo) & (pos < task.hi))[0]
+
+    # ---------------------------------------------------------------- in memory
+    def views(self, task: ClsTask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task's fixed training views as float [0, 1] (x2 with flips) and their head positions."""
+        x, y = self._tensor("train")
+        idx = torch.from_numpy(self.indices("train", task))
+        xs, ys = x[idx].float() / 255, y[idx]
+        if self.spec.augment == "flip":
+            xs, ys = torch.cat([xs, xs.flip(-1)]), torch.cat([ys, ys])
+        return xs, ys
+
+    def test_tensor(self, task: ClsTask) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self._tensor("test")
+        idx = torch.from_numpy(self.indices("test", task))
+        return x[idx].float() / 255, y[idx]
+
+    # ---------------------------------------------------------------- from disk (rrc)
+    def loader(self, task: ClsTask, split: str, g: torch.Generator | None, batch_size: int):
+        from torch.utils.data import DataLoader, Dataset
+        from torchvision import transforms as T
+
+        size = self.spec.image_size
+        tf = (T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor()]) if split == "train" else
+              T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor()]))
+        src = self.train if split == "train" else self.test
+        idx = self.indices(split, task)
+        paths, pos = [src.paths[i] for i in idx], self.spec.position[src.labels[idx]]
+
+        class _DS(Dataset):
+            def __len__(self):
+                return len(paths)
+
+            def __getitem__(self, i):
+                from PIL import Image
+
+                with Image.open(paths[i]) as im:
+                    return tf(im.convert("RGB")), int(pos[i])
+
+        return DataLoader(_DS(), batch_size=batch_size, shuffle=split == "train", generator=g,
+                          num_workers=self.spec.workers, drop_last=False, pin_memory=self.spec.device.startswith("cuda"))
+
+
+def _batched(method_fn, x: torch.Tensor, device: str, bs: int) -> dict[str, torch.Tensor]:
+    out: dict[str, list] = {}
+    for i in range(0, len(x), bs):
+        for k, v in method_fn(x[i:i + bs].to(device)).items():
+            out.setdefault(k, []).append(v.float())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _amp(device: str):
+    return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda") else contextlib.nullcontext
+
+
+# ------------------------------------------------------------------------------------------- training
+def train_one_task(method: ClsMethod, task: ClsTask, data: TaskData, spec: ClsRunSpec) -> dict:
+    s = method.settings
+    device = spec.device
+    seed_everything(stable_seed("cls-train", spec.seed, task.index))
+    g = torch.Generator().manual_seed(stable_seed("cls-batches", spec.seed, task.index))
+    method.begin_task(task)
+    method.to(device)
+    groups = method.param_groups()
+    params = [p for grp in groups for p in grp["params"]]
+    opt = torch.optim.Adam(groups, lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay)
+    if s.schedule not in ("cosine", "constant"):
+        raise UserError(f"cls_method_settings.{method.name}.schedule: 'cosine' or 'constant', got {s.schedule!r}")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: cosine_factor(e, s.epochs) if s.schedule == "cosine" else 1.0)
+    amp = _amp(device)
+    t0, losses = time.time(), []
+    method.train()
+    if data.in_memory:
+        xs, ys = data.views(task)
+        n = len(xs) // (2 if spec.augment == "flip" else 1)
+        cache = _batched(method.precompute, xs, device, spec.eval_batch_size)
+        n_batches = -(-n // s.batch_size)
+    else:
+        loader = data.loader(task, "train", g, s.batch_size)
+        n_batches = len(loader)
+    bar = tqdm(total=s.epochs * n_batches, desc=f"{method.name} task {task.index}/{len(spec.train_tasks)}",
+               mininterval=5, disable=os.environ.get("CONTINUAL_BENCH_NO_TQDM") == "1")
+    step = 0
+    for epoch in range(s.epochs):
+        if data.in_memory:
+            perm = torch.randperm(n, generator=g)
+            if spec.augment == "flip":
+                perm = perm + n * (torch.rand(n, generator=g) < 0.5).long()
+            batches = ((xs[b], ys[b], {k: v[b].to(device) for k, v in cache.items()})
+                       for b in perm.split(s.batch_size))
+        else:
+            batches = ((x, y, None) for x, y in loader)
+        for x, y, c in batches:
+            batch = {"x": x.to(device, non_blocking=True), "y": y.to(device), "task": task, "step": step}
+            if c:
+                batch["cache"] = c
+            with amp():
+                out = method.loss(batch)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"method {method.name}: non-finite loss {loss.item()} at task {task.index} "
+                                         f"epoch {epoch} ({ {k: float(v) for k, v in out.items()} })")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+        sched.step()
+        bar.set_postfix(loss=f"{np.mean(losses[-n_batches:]):.4f}")
+    bar.close()
+    n_trained = method.n_trained()
+    method.end_task(task)
+    return {"task": task.index, "classes": task.classes, "epochs": s.epochs, "steps": step,
+            "loss_first": float(np.mean(losses[:n_batches])), "loss_last": float(np.mean(losses[-n_batches:])),
+            "N_train": int(n_trained), "N_store": int(method.n_stored()), "seconds": round(time.time() - t0, 1)}
+
+
+@torch.no_grad()
+def evaluate_seen(method: ClsMethod, data: TaskData, spec: ClsRunSpec, hi: int, eval_tasks: list[ClsTask]) -> list[float]:
+    """Top-1 accuracy (%) on each of ``eval_tasks``' test images, logits over outputs ``[0, hi)``."""
+    method.eval()
+    amp = _amp(spec.device)
+    accs = []
+    for task in eval_tasks:
+        correct, total = 0, 0
+        if data.in_memory:
+            x, y = data.test_tensor(task)
+            if task.index not in data._test_cache:
+                data._test_cache[task.index] = _batched(method.precompute, x, spec.device, spec.eval_batch_size)
+            cache = data._test_cache[task.index]
+            chunks = ((x[i:i + spec.eval_batch_size], y[i:i + spec.eval_batch_size],
+                       {k: v[i:i + spec.eval_batch_size].to(spec.device) for k, v in cache.items()})
+                      for i in range(0, len(x), spec.eval_batch_size))
+        else:
+            chunks = ((x, y, None) for x, y in data.loader(task, "test", None, spec.eval_batch_size))
+        for x, y, c in chunks:
+            with amp():
+                logits = method.logits(x.to(spec.device), c or None)[:, :hi]
+            correct += int((logits.float().argmax(1).cpu() == y).sum())
+            total += len(y)
+        if total == 0:
+            raise UserError(f"{spec.ds.root}: no test images for task {task.index} (classes {task.classes})")
+        accs.append(100.0 * correct / total)
+    return accs
+
+
+def _done(ckpt_dir: Path, t: int) -> bool:
+    return (ckpt_dir / f"task_{t:03d}" / "meta.json").is_file()
+
+
+def _save_checkpoint(ckpt_dir: Path, t: int, method: ClsMethod, meta: dict) -> None:
+    final = ckpt_dir / f"task_{t:03d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".task_{t:03d}.", dir=ckpt_dir))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}, str(tmp / "state.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    prev = ckpt_dir / f"task_{t - 1:03d}" / "state.safetensors"
+    if prev.exists():  # only the last state is needed to resume; every task's meta.json stays
+        prev.unlink()
+
+
+def train_sequence(spec: ClsRunSpec, ckpt_root: str | Path, stop_after: int | None = None) -> list[dict]:
+    """Train (and evaluate) every task of ``spec`` in order, skipping tasks that have a checkpoint.
+    ``stop_after``: return after that many tasks (tests use it to simulate a killed run)."""
+    ckpt_dir = spec.checkpoint_dir(ckpt_root)
+    data = TaskData(spec)
+    metas = []
+    for task in spec.train_tasks:
+        t = task.index
+        if _done(ckpt_dir, t):
+            metas.append(json.loads((ckpt_dir / f"task_{t:03d}" / "meta.json").read_text()))
+            log.info("task %d: checkpoint found, skipping", t)
+            continue
+        if t > 1:
+            log.info("task %d: resuming from the checkpoint of task %d", t, t - 1)
+        method = spec.restore(ckpt_dir, t - 1)
+        meta = train_one_task(method, task, data, spec)
+        eval_tasks = spec.tasks if spec.method_cls.joint else spec.tasks[:t]
+        meta["acc"] = evaluate_seen(method, data, spec, task.hi, eval_tasks)
+        log.info("task %d: loss %.4f -> %.4f in %.1fs; acc %s", t, meta["loss_first"], meta["loss_last"],
+                 meta["seconds"], " ".join(f"{a:.1f}" for a in meta["acc"]))
+        _save_checkpoint(ckpt_dir, t, method, meta)
+        metas.append(meta)
+        if stop_after is not None and len(metas) >= stop_after:
+            break
+    return metas
+
+
+def accuracy_matrix(spec: ClsRunSpec, metas: list[dict]) -> np.ndarray:
+    """acc[t][i] (T x T, NaN above the diagonal; 0-based: row = after task t+1). A joint run fills only the
+    last row (its one model, evaluated on every task)."""
+    T = spec.n_tasks
+    acc = np.full((T, T), np.nan)
+    if spec.method_cls.joint:
+        acc[T - 1, :] = metas[0]["acc"]
+    else:
+        for m in metas:
+            acc[m["task"] - 1, :len(m["acc"])] = m["acc"]
+    return acc
+
+
+def write_train_summary(spec: ClsRunSpec, metas: list[dict], out: str | Path) -> None:
+    atomic_write_json(out, {"method": spec.method_cls.name, "settings": spec.settings.__dict__, "seed": spec.seed,
+                            "order": spec.order, "tasks": [t.classes for t in spec.tasks], "joint": spec.method_cls.joint,
+                            "augment": spec.augment, "backbone": str(spec.backbone), "train": metas})

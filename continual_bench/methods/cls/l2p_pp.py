@@ -1,0 +1,80 @@
+"""L2P++ (CODA-Prompt's strengthened L2P): a prompt pool with top-k key matching, prefix-tuning."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ...utils import UserError
+from .. import register
+from ..cls_base import ClsTrainSettings
+from .coda_p import parse_layers
+from .prompting import PromptMethod, cosine_matrix, split_prefix, uniform_prompt
+
+
+@dataclass
+class L2PPPSettings(ClsTrainSettings):
+    pool: int = 30
+    length: int = 20
+    top_k: int = 5
+    layers: str = "0"  # CODA-P's L2P++ is shallow (layer 0); "0,1,2,3,4" gives its "Deep L2P++"
+    key_weight: float = 1.0  # weight of the key-query matching loss (CODA-P adds it with weight 1)
+
+
+def top_k_keys(q: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2P's query-key matching: indices (B, k) of the k keys most cosine-similar to each query, and the
+    (B, k) similarities. The query is detached: the keys learn, the frozen query does not."""
+    cos = cosine_matrix(q.detach(), keys)
+    top = torch.topk(cos, k, dim=1)
+    return top.indices, top.values
+
+
+@register("cls", "l2p_pp")
+class L2PPP(PromptMethod):
+    """L2P++ as CODA-Prompt defines it (Smith et al., CVPR 2023, sec. 5; L2P: Wang et al., CVPR 2022, eq. 5).
+
+    A pool of M = 30 prompts P_j (length 20) with keys k_j, per prompted layer (layer 0). Each image uses
+    the top-k (k = 5) prompts by cos(q(x), k_j); their halves are concatenated as prefix keys / values
+    (5 x 10 each). The matching loss pulls the chosen keys towards the query::
+
+        L = CE(masked past logits) + key_weight * sum_b sum_{j in topk(b)} (1 - cos(q(x_b), k_j))
+
+    (CODA-P's code writes ``(1 - cos_sim[:, k_idx]).sum()``, which indexes every sample with every other
+    sample's choice; here each sample's own choice is used, as L2P's eq. 5 states.) Differences from the
+    original L2P that make it "++" (CODA-P): prefix-tuning instead of prompt-tuning, the class token
+    instead of the prompt-token average as the head's input, past logits masked. The pool is shared by all
+    tasks and stays trainable. Prompts and keys are initialized U[0, 1) as in CODA-P. Trained: pool,
+    keys, head.
+    """
+
+    paper = "Smith et al., CVPR 2023 (L2P++); Wang et al., L2P, CVPR 2022"
+    Settings = L2PPPSettings
+
+    def __init__(self, backbone, settings, seed=0, n_classes=0, n_tasks=1):
+        super().__init__(backbone, settings, seed, n_classes, n_tasks)
+        where = f"cls_method_settings.{getattr(self, 'name', 'l2p_pp')}"
+        self.layers = parse_layers(settings.layers, backbone.depth, f"{where}.layers")
+        if not 1 <= settings.top_k <= settings.pool:
+            raise UserError(f"{where}.top_k must be in 1..pool ({settings.pool}), got {settings.top_k}")
+        if settings.length < 2 or settings.length % 2:
+            raise UserError(f"{where}.length must be even and >= 2, got {settings.length}")
+        D = backbone.embed_dim
+        prompt = nn.Module()
+        for l in self.layers:
+            prompt.register_parameter(f"p_{l}", uniform_prompt(settings.pool, settings.length, D))
+            prompt.register_parameter(f"k_{l}", uniform_prompt(settings.pool, D))
+        self.net["prompt"] = prompt
+
+    def prefixes(self, q, train):
+        P = self.net["prompt"]
+        B, D = len(q), self.backbone.embed_dim
+        half = self.settings.length // 2
+        out = {}
+        for l in self.layers:
+            idx, sim = top_k_keys(q, getattr(P, f"k_{l}"), self.settings.top_k)
+            if train:
+                self._aux.append(self.settings.key_weight * (1.0 - sim).sum())
+            sel = getattr(P, f"p_{l}")[idx]  # (B, k, L, D)
+            out[l] = (sel[:, :, :half].reshape(B, -1, D), sel[:, :, half:].reshape(B, -1, D))
+        return out

@@ -1,0 +1,189 @@
+"""The small interface a class-incremental classification method fills (track ``cls``).
+
+The engine (:mod:`continual_bench.engine.cls`) calls, for each task t (a new method object is built on
+a freshly loaded backbone for every task and brought to the state after task t-1 by
+:meth:`ClsMethod.load_state`, so a resumed run is bit-identical to an uninterrupted one)::
+
+    method = Method(backbone, settings, seed, n_classes, n_tasks)   # frozen ViT as loaded from disk + a head
+    method.load_state(state_after_t-1, tasks[:t-1])                 # skipped for t = 1
+    method.begin_task(task)                                          # new prompts/adapters, snapshot a teacher...
+    cache = method.precompute(views)        # optional: per-image features of the *frozen* backbone (queries)
+    for epoch, batch: loss = method.loss(batch)['loss']             # the method's training objective
+                      Adam over method.param_groups(), cosine schedule per epoch (CODA-P)
+    method.end_task(task)                                            # freeze components, store the task's LoRA...
+    state = method.state_dict()                                      # everything that rebuilds the model (safetensors)
+    logits = method.logits(x, cache)                                 # evaluation (the engine slices seen classes)
+
+Head outputs are positions in the run's class order (CODA-P): task t owns outputs ``[task.lo, task.hi)``,
+the classes seen so far are ``[0, task.hi)``. The default :meth:`ClsMethod.loss` is cross-entropy over the
+seen classes; with ``mask_past = True`` the past classes' logits are set to -inf first (CODA-P's prompt
+learners and FT++: ``logits[:, :last_valid_out_dim] = -inf``), so only the current task's outputs compete
+and past head rows get no gradient.
+
+Hyper-parameters are a dataclass ``Settings`` (defaults = toy profile); the config's
+``cls_method_settings.<name>`` overrides its fields; an unknown key is an error naming it
+(:func:`continual_bench.methods.base.build_settings`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ClsTrainSettings:
+    """Training settings every classification method has (toy-profile defaults).
+
+    CODA-P's paper profile: ``epochs=50, batch_size=128, lr=1e-3`` (Adam (0.9, 0.999), weight decay 0,
+    optimizer reset every task, cosine ``lr * cos(99 pi e / (200 (K-1)))`` stepped per epoch).
+    """
+
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0  # 0: no clipping (CODA-P clips nothing)
+    schedule: str = "cosine"  # "cosine" (CODA-P's CosineSchedule) or "constant"
+
+
+@dataclass
+class ClsTask:
+    """One task of a class-incremental sequence."""
+
+    index: int  # 1-based position in the sequence
+    classes: list[int]  # dataset label ids of this task's classes, in head order
+    lo: int  # first head output of this task
+    hi: int  # one past its last head output; [0, hi) = every class seen so far
+    n_tasks: int  # length of the whole sequence
+    past: list["ClsTask"] = field(default_factory=list)
+
+    @property
+    def n_classes(self) -> int:
+        return self.hi - self.lo
+
+
+class ClsMethod:
+    """Base class of class-incremental classification methods (track ``cls``).
+
+    Subclasses set ``paper``, document the equation they implement in their docstring, and fill the hooks.
+    Every module a method owns goes into ``self.net`` (an ``nn.ModuleDict`` holding ``backbone`` and
+    ``head``), so ``to``/``train``/``eval`` reach it. ``joint = True`` methods (the upper bound) are trained
+    once on the union of all tasks.
+    """
+
+    name: ClassVar[str]
+    track: ClassVar[str]
+    paper: ClassVar[str] = ""
+    Settings: ClassVar[type] = ClsTrainSettings
+    mask_past: ClassVar[bool] = False  # past-class logits -inf in the training loss (FT++, prompt methods)
+    joint: ClassVar[bool] = False  # train one task holding every class (offline upper bound)
+
+    def __init__(self, backbone, settings, seed: int = 0, n_classes: int = 0, n_tasks: int = 1):
+        self.backbone = backbone
+        self.settings = settings
+        self.seed = seed
+        self.n_classes = n_classes
+        self.n_tasks = n_tasks
+        self.tasks_done = 0
+        self.head = nn.Linear(backbone.embed_dim, n_classes)
+        self.net = nn.ModuleDict({"backbone": backbone, "head": self.head})
+        self.current: ClsTask | None = None
+
+    # ---------------------------------------------------------------- module plumbing
+    def to(self, device) -> "ClsMethod":
+        self.net.to(device)
+        return self
+
+    def train(self, mode: bool = True) -> "ClsMethod":
+        """Train/eval mode of every owned module (the frozen backbone too: it has no dropout by default)."""
+        self.net.train(mode)
+        return self
+
+    def eval(self) -> "ClsMethod":
+        return self.train(False)
+
+    # ---------------------------------------------------------------- hooks a method overrides
+    def begin_task(self, task: ClsTask) -> None:
+        self.current = task
+
+    def param_groups(self) -> list[dict]:
+        """What the optimizer trains (default: the head only)."""
+        return [{"params": list(self.head.parameters())}]
+
+    def features(self, x: torch.Tensor, cache: dict | None = None, train: bool = False) -> torch.Tensor:
+        """The (B, D) feature the head reads (default: the backbone's class token)."""
+        return self.backbone(x)
+
+    def extra_loss(self, x, cache, train: bool):  # noqa: ARG002 - hook for methods with auxiliary terms
+        return None
+
+    def logits(self, x: torch.Tensor, cache: dict | None = None, train: bool = False) -> torch.Tensor:
+        """(B, n_classes) logits over every head output (the engine and loss slice the seen ones)."""
+        return self.head(self.features(x, cache, train))
+
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Cross-entropy over the seen classes (past ones masked when ``mask_past``). Must return ``loss``."""
+        task: ClsTask = batch["task"]
+        logits = self.logits(batch["x"], batch.get("cache"), train=True)[:, :task.hi]
+        if self.mask_past and task.lo > 0:
+            logits = mask_past_logits(logits, task.lo)
+        out = {"ce": F.cross_entropy(logits, batch["y"])}
+        out["loss"] = out["ce"]
+        return out
+
+    def end_task(self, task: ClsTask) -> None:
+        self.tasks_done = task.index
+
+    def precompute(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-image tensors computed once per task on fixed (un-augmented or flip) views and handed back as
+        ``batch['cache']``. They must depend on the *frozen* backbone only (the engine reuses them for
+        evaluation after every task). Default: nothing."""
+        return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors that rebuild the model after the tasks done so far (default: the head)."""
+        return {f"head.{k}": v for k, v in self.head.state_dict().items()}
+
+    def load_state(self, state: dict[str, torch.Tensor], tasks: list[ClsTask]) -> None:
+        """Bring the freshly built method to the state after ``tasks`` (default: load the head)."""
+        self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        self.tasks_done = len(tasks)
+
+    # ---------------------------------------------------------------- counts (N_train, N_store)
+    def n_trained(self) -> int:
+        """Parameters the optimizer updates in one task."""
+        seen = set()
+        n = 0
+        for g in self.param_groups():
+            for p in g["params"]:
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    n += p.numel()
+        return n
+
+    def n_stored(self) -> int:
+        """Parameters stored after the tasks done (beyond the frozen pretrained backbone)."""
+        return sum(v.numel() for v in self.state_dict().values() if v.dim() > 0)
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "paper": self.paper, **dataclasses.asdict(self.settings)}
+
+
+def mask_past_logits(logits: torch.Tensor, lo: int) -> torch.Tensor:
+    """``logits`` with columns ``[0, lo)`` set to -inf (CODA-P ``logits[:, :last_valid_out_dim] = -inf``);
+    out of place, so the past outputs get exactly zero gradient."""
+    return torch.cat([torch.full_like(logits[:, :lo], float("-inf")), logits[:, lo:]], dim=1)
+
+
+def cosine_factor(epoch: int, epochs: int) -> float:
+    """CODA-P's ``CosineSchedule``: ``cos(99 pi e / (200 (K-1)))`` for epoch e of K (1.0 when K == 1)."""
+    import math
+
+    if epochs <= 1:
+        return 1.0
+    return math.cos(99 * math.pi * epoch / (200 * (epochs - 1)))

@@ -1,0 +1,70 @@
+"""The classification part of the DAG on a minimal config (config/ci_cls.yaml): data, toy ViT, runs, tables."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CI_CLS = REPO / "config" / "ci_cls.yaml"
+
+
+def snakemake(workdir: Path, *args: str, config=CI_CLS, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(config), "--cores", "1", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, CONTINUAL_BENCH_NO_TQDM="1"))
+    if check and res.returncode != 0:
+        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in workdir.rglob("*.log"))
+        raise AssertionError(f"snakemake failed ({res.returncode}):\n{res.stderr[-6000:]}\n{logs}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def cls_dag(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("cls_dag")
+    snakemake(work)
+    return work
+
+
+def test_cls_runs_and_summary(cls_dag):
+    res = cls_dag / "results" / "ci_cls"
+    summary = pd.read_csv(res / "summary.csv")
+    assert set(summary.track) == {"cls"}
+    got = {(r.method, r.metric) for r in summary.itertuples()}
+    for m in ("coda_p", "ft_pp"):
+        assert {(m, "A_N"), (m, "F_N"), (m, "F_avl"), (m, "P_N"), (m, "N_train"), (m, "N_store")} <= got
+    assert ("upper_bound", "A_N") in got and ("upper_bound", "F_N") not in got
+    a_n = summary[summary.metric == "A_N"]
+    assert a_n["mean"].between(0, 100).all()
+    run = res / "runs/toy_imagenet_r/T2/coda_p/seed0"
+    acc = pd.read_csv(run / "acc_matrix.csv")
+    assert sorted(zip(acc.after_task, acc.task)) == [(1, 1), (2, 1), (2, 2)]
+    per_run = pd.read_csv(run / "metrics.csv")
+    assert per_run.config_hash.notna().all() and "torch=" in per_run.packages.iloc[0]
+    assert (res / "tables" / "toy_imagenet_r_T2.csv").is_file() and (res / "tables" / "toy_imagenet_r_combined.csv").is_file()
+    assert (run / "R.csv").is_file() and list((res / "figures" / "summary").glob("accuracy_toy_imagenet_r*.png"))
+    assert not list((run / "checkpoints").glob("*/task_001/state.safetensors"))  # only the last state is kept
+
+
+def test_cls_second_run_has_nothing_to_do(cls_dag):
+    res = snakemake(cls_dag, "-n")
+    assert "Nothing to be done" in res.stdout + res.stderr
+
+
+def test_one_summary_covers_both_tracks(tmp_path):
+    """With t2i and cls runs configured, the tables job reads both tracks' metrics files (dry run)."""
+    cfg = tmp_path / "both.yaml"
+    text = (REPO / "config" / "ci.yaml").read_text() + "\ncls_benchmarks: [toy_imagenet_r]\ncls_methods: [ft]\ncls_n_tasks: [2]\n"
+    cfg.write_text(text)
+    res = snakemake(tmp_path, "-n", "-p", config=cfg)
+    out = res.stdout + res.stderr
+    line = next(l for l in out.splitlines() if "continual-bench tables" in l)
+    assert "runs/toy_faces/T2/lora_sequential/seed0/metrics.csv" in line
+    assert "runs/toy_imagenet_r/T2/ft/seed0/metrics.csv" in line
+    bad = snakemake(tmp_path, "-n", "--config", "cls_benchmarks=[toy_imagenet]", config=cfg, check=False)
+    assert bad.returncode != 0 and "toy_imagenet" in bad.stdout + bad.stderr

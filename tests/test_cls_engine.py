@@ -1,0 +1,93 @@
+"""Classification engine: a killed run resumes to the identical accuracy matrix; joint runs; clear errors."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from continual_bench.backbones.vit import build_vit, load_vit, save_vit
+from continual_bench.data.toy_imagenet_r import write_toy_imagenet_r
+from continual_bench.engine.cls import ClsRunSpec, accuracy_matrix, train_sequence
+from continual_bench.utils import UserError
+
+
+@pytest.fixture(scope="module")
+def cls_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cls")
+    write_toy_imagenet_r(root / "toy_imagenet_r", n_classes=4, n_train=2, n_test=1, n_pretrain=2,
+                         renditions=("sketch", "cartoon"))
+    torch.manual_seed(0)
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=16, depth=5, num_heads=2, mlp_ratio=2.0, conv_stem=True)
+    save_vit(build_vit("toy_vit", kwargs), root / "vit", model_name="toy_vit", kwargs=kwargs)
+    return root
+
+
+def spec(world, method, **settings):
+    return ClsRunSpec(backbone=world / "vit", data_dir=world / "toy_imagenet_r", method=method, n_tasks=2, seed=1,
+                      settings={"epochs": 2, "batch_size": 4, **settings}, device="cpu")
+
+
+def test_toy_world_layout(cls_world):
+    from continual_bench.data.cls_data import ClsDataset
+
+    ds = ClsDataset(cls_world / "toy_imagenet_r")
+    assert ds.n_classes == 4
+    assert len(ds.split("train")) == 4 * 2 * 2 and len(ds.split("test")) == 4 * 2 and len(ds.split("pretrain")) == 8
+    info = json.loads((cls_world / "toy_imagenet_r" / "world.json").read_text())
+    assert info["renditions"] == ["sketch", "cartoon"] and info["classes"]["000"]["shape"]
+
+
+def test_toy_world_is_deterministic(tmp_path):
+    a = write_toy_imagenet_r(tmp_path / "a", n_classes=2, n_train=1, n_test=1, n_pretrain=1, renditions=("pixel",))
+    b = write_toy_imagenet_r(tmp_path / "b", n_classes=2, n_train=1, n_test=1, n_pretrain=1, renditions=("pixel",))
+    for f in ("manifest.csv", "001/train_pixel_000.png", "000/pretrain_0000.png"):
+        assert (a / f).read_bytes() == (b / f).read_bytes()
+
+
+@pytest.mark.parametrize("method", ["coda_p", "ft_pp"])
+def test_killed_run_resumes_to_identical_accuracy_matrix(cls_world, tmp_path, method):
+    s = spec(cls_world, method)
+    straight = accuracy_matrix(s, train_sequence(s, tmp_path / "a"))
+    first = train_sequence(spec(cls_world, method), tmp_path / "b", stop_after=1)  # "killed" after task 1
+    assert len(first) == 1
+    ck = spec(cls_world, method).checkpoint_dir(tmp_path / "b")
+    assert (ck / "task_001" / "state.safetensors").is_file() and not (ck / "task_002").exists()
+    s2 = spec(cls_world, method)
+    resumed = accuracy_matrix(s2, train_sequence(s2, tmp_path / "b"))  # a new process would do the same
+    np.testing.assert_array_equal(straight, resumed)
+    assert np.isnan(straight[0, 1]) and not np.isnan(straight[1]).any() and not np.isnan(straight[0, 0])
+    assert not (ck / "task_001" / "state.safetensors").exists()  # only the last state is kept
+    assert (ck / "task_001" / "meta.json").is_file()
+
+
+def test_joint_upper_bound_trains_once_and_fills_last_row(cls_world, tmp_path):
+    s = spec(cls_world, "upper_bound", epochs=1)
+    metas = train_sequence(s, tmp_path)
+    assert len(metas) == 1 and metas[0]["classes"] == s.order
+    acc = accuracy_matrix(s, metas)
+    assert np.isnan(acc[0]).all() and not np.isnan(acc[1]).any()
+
+
+def test_settings_and_backbone_errors_are_clear(cls_world, tmp_path):
+    with pytest.raises(UserError, match=r"cls_method_settings.coda_p: unknown setting\(s\) \['pol'\]"):
+        spec(cls_world, "coda_p", pol=3)
+    with pytest.raises(UserError, match="n_tasks=3 does not divide the 4 classes"):
+        ClsRunSpec(backbone=cls_world / "vit", data_dir=cls_world / "toy_imagenet_r", method="ft", n_tasks=3, seed=0)
+    with pytest.raises(UserError, match="ViT backbone not found"):
+        load_vit(tmp_path / "nope")
+    res = subprocess.run([sys.executable, "-m", "continual_bench", "train-cls", "--backbone", str(tmp_path / "x.safetensors"),
+                          "--data", str(cls_world / "toy_imagenet_r"), "--benchmark", "toy_imagenet_r", "--method", "ft",
+                          "--n-tasks", "2", "--seed", "0", "--ckpt-dir", str(tmp_path / "ck"), "--out-train", "a",
+                          "--out-metrics", "b", "--out-acc", "c"], capture_output=True, text=True)
+    assert res.returncode == 2
+    err = [l for l in res.stderr.splitlines() if "error" in l]
+    assert err == [f"continual-bench: error: {tmp_path / 'x.safetensors'}: ViT backbone not found (fetch or pretrain it first)"]
+
+
+def test_toy_backbone_roundtrip(cls_world):
+    bb = load_vit(cls_world / "vit")
+    assert bb.img_size == 32 and bb.embed_dim == 16 and not any(p.requires_grad for p in bb.parameters())
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(bb(x), load_vit(cls_world / "vit")(x))

@@ -1,0 +1,265 @@
+"""Each classification method's distinctive mechanism, on small tensors with hand-computed expectations."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from continual_bench.backbones.vit import ViTBackbone, build_vit, prefix_attention
+from continual_bench.methods.base import build_settings
+from continual_bench.methods.cls_base import ClsTask, cosine_factor, mask_past_logits
+from continual_bench.methods.registry import get_method, list_methods
+
+ALL = ["upper_bound", "ft", "ft_pp", "lwf", "l2p", "l2p_pp", "dualprompt", "coda_p", "c_lora"]
+
+
+def tiny_backbone(seed=0) -> ViTBackbone:
+    torch.manual_seed(seed)
+    vit = build_vit("toy_vit", dict(img_size=16, patch_size=4, embed_dim=16, depth=5, num_heads=2, mlp_ratio=2.0))
+    bb = ViTBackbone(vit).eval()
+    bb.requires_grad_(False)
+    return bb
+
+
+def make(name, n_classes=4, n_tasks=2, **settings):
+    cls = get_method("cls", name)
+    torch.manual_seed(1)
+    return cls(tiny_backbone(), build_settings(cls.Settings, settings, name), seed=0, n_classes=n_classes,
+               n_tasks=n_tasks)
+
+
+def tasks(n_classes=4, n_tasks=2):
+    k = n_classes // n_tasks
+    out = []
+    for i in range(n_tasks):
+        out.append(ClsTask(index=i + 1, classes=list(range(i * k, (i + 1) * k)), lo=i * k, hi=(i + 1) * k,
+                           n_tasks=n_tasks, past=list(out)))
+    return out
+
+
+def batch(task, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.rand(n, 3, 16, 16, generator=g),
+            "y": torch.randint(task.lo, task.hi, (n,), generator=g), "task": task}
+
+
+def test_all_nine_methods_registered_with_papers():
+    names = {m["name"]: m for m in list_methods() if m["track"] == "cls"}
+    assert set(ALL) <= set(names) and all(names[n]["paper"] for n in ALL)
+    for n in ALL:
+        assert (get_method("cls", n).__doc__ or "").strip()
+
+
+# ------------------------------------------------------------------------------------------- backbone
+def test_backbone_without_prompts_equals_timm():
+    bb = tiny_backbone()
+    x = torch.rand(3, 3, 16, 16)
+    torch.testing.assert_close(bb(x), bb.vit.forward_features(x)[:, 0])
+
+
+def test_prefix_attention_matches_a_naive_implementation():
+    bb = tiny_backbone()
+    attn = bb.vit.blocks[0].attn
+    x, pk, pv = torch.randn(2, 5, 16), torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    H, hd = 2, 8
+    q, k, v = attn.qkv(x).split(16, dim=-1)
+    k, v = torch.cat([pk, k], 1), torch.cat([pv, v], 1)
+    heads = lambda t: t.reshape(2, -1, H, hd).transpose(1, 2)  # noqa: E731
+    w = (heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(hd)).softmax(-1)
+    ref = attn.proj((w @ heads(v)).transpose(1, 2).reshape(2, 5, 16))
+    torch.testing.assert_close(prefix_attention(attn, x, pk, pv), ref)
+
+
+# ------------------------------------------------------------------------------------------- CODA-P
+def test_coda_attention_weighted_component_sum():
+    from continual_bench.methods.cls.coda_p import CodaPromptPool
+
+    q = torch.tensor([[1.0, 2.0]])
+    A = torch.tensor([[1.0, 1.0], [2.0, 0.0]])
+    K = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    P = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[5.0, 5.0], [5.0, -5.0]]])
+    prompt, alpha = CodaPromptPool.combine(q, K, A, P)
+    # alpha_0 = cos(q*A_0 = [1,2], K_0 = [1,0]) = 1/sqrt5; alpha_1 = cos([2,0], [1,1]) = 1/sqrt2
+    a0, a1 = 1 / math.sqrt(5), 1 / math.sqrt(2)
+    torch.testing.assert_close(alpha, torch.tensor([[a0, a1]]))
+    torch.testing.assert_close(prompt, (a0 * P[0] + a1 * P[1]).unsqueeze(0))
+
+
+def test_coda_past_components_are_frozen():
+    m = make("coda_p", pool=4, length=2, layers="0,1")
+    t1, t2 = tasks()
+    pool = m.pool
+    assert pool.per_task == 2
+    m.begin_task(t1)
+    m.train()
+    m.loss(batch(t1))["loss"].backward()
+    g = pool.p_0.grad
+    assert g[:2].abs().sum() > 0 and g[2:].abs().sum() == 0  # task 1 owns components 0-1
+    m.end_task(t1)
+    old = {n: p.detach().clone() for n, p in pool.named_parameters()}
+    m.begin_task(t2)  # Gram-Schmidt init of components 2-3
+    for n, p in pool.named_parameters():
+        torch.testing.assert_close(p[:2], old[n][:2])
+        flat = p.detach().reshape(4, -1)
+        assert abs(float(flat[2] @ flat[0])) < 1e-5 and abs(float(flat[3].norm()) - 1) < 1e-5
+    pool.zero_grad()
+    opt = torch.optim.Adam([p for g in m.param_groups() for p in g["params"]], lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        m.loss(batch(t2))["loss"].backward()
+        for n, p in pool.named_parameters():
+            assert p.grad[:2].abs().sum() == 0, n  # past components: exactly zero gradient
+            assert p.grad[2:].abs().sum() > 0, n
+        opt.step()
+    for n, p in pool.named_parameters():
+        assert torch.equal(p[:2], old[n][:2])
+    m.eval()  # evaluation uses all 4 components
+    K, A, P = pool.tensors(0, train=False)
+    assert len(K) == 4
+
+
+def test_prompt_methods_train_prompts_and_head_only():
+    for name in ("coda_p", "dualprompt", "l2p_pp", "l2p"):
+        m = make(name)
+        ids = {id(p) for g in m.param_groups() for p in g["params"]}
+        assert not any(id(p) in ids for p in m.backbone.parameters()), name
+        assert all(id(p) in ids for p in m.head.parameters())
+        assert m.n_trained() > m.head.weight.numel()
+
+
+# ------------------------------------------------------------------------------------------- L2P / L2P++ / DualPrompt
+def test_l2p_top_k_key_matching_picks_the_most_similar_keys():
+    from continual_bench.methods.cls.l2p_pp import top_k_keys
+
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.6, 0.8]])
+    q = torch.tensor([[1.0, 0.1], [0.0, -1.0]])
+    idx, sim = top_k_keys(q, keys, 2)
+    # q0: cos = [0.995, 0.0995, -0.995, 0.677] -> keys 0, 3; q1: cos = [0, -1, 0, -0.8] -> keys 0/2 (tie)
+    assert idx[0].tolist() == [0, 3]
+    assert set(idx[1].tolist()) == {0, 2}
+    torch.testing.assert_close(sim[0], torch.tensor([1 / math.sqrt(1.01), (0.6 + 0.08) / math.sqrt(1.01)]))
+
+
+def test_l2p_pp_prefix_is_the_chosen_prompts_halves():
+    m = make("l2p_pp", pool=4, length=4, top_k=2)
+    P = m.net["prompt"]
+    with torch.no_grad():
+        P.k_0.copy_(torch.eye(4, 16))
+    q = torch.zeros(1, 16)
+    q[0, 2], q[0, 0] = 1.0, 0.5  # closest keys: 2 then 0
+    pk, pv = m.prefixes(q, train=False)[0]
+    torch.testing.assert_close(pk, torch.cat([P.p_0[2, :2], P.p_0[0, :2]]).unsqueeze(0))
+    torch.testing.assert_close(pv, torch.cat([P.p_0[2, 2:], P.p_0[0, 2:]]).unsqueeze(0))
+    m._aux = []
+    m.prefixes(q, train=True)
+    torch.testing.assert_close(m._aux[0], torch.tensor(2 - (1 / math.sqrt(1.25) + 0.5 / math.sqrt(1.25))))
+
+
+def test_dualprompt_trains_the_task_prompt_and_matches_among_seen_tasks():
+    m = make("dualprompt", n_tasks=2)
+    t1, t2 = tasks()
+    m.begin_task(t2)
+    m._aux = []
+    q = torch.randn(3, 16)
+    assert m.select(q, 2, train=True).tolist() == [1, 1, 1]
+    P = m.net["prompt"]
+    with torch.no_grad():
+        P.k_2.copy_(torch.stack([q[0], -q[0]]))
+    assert m.select(q[:1], 2, train=False).tolist() == [0]
+    m.task_id = 0  # after task 1 only the first E-prompt exists
+    assert m.select(-q[:1], 2, train=False).tolist() == [0]
+    pk, pv = m.prefixes(q, train=False)[0]  # G-prompt layer 0: length 6 -> 3 keys, 3 values
+    assert pk.shape == (3, 3, 16) and pv.shape == (3, 3, 16)
+    pk, pv = m.prefixes(q, train=False)[2]  # E-prompt layer 2: length 20 -> 10 + 10
+    assert pk.shape == (3, 10, 16)
+
+
+# ------------------------------------------------------------------------------------------- FT / FT++ / LwF
+def test_ft_pp_masks_past_logits_and_ft_does_not():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0]], requires_grad=True)
+    masked = mask_past_logits(logits, 2)
+    assert torch.isinf(masked[0, :2]).all() and masked[0, 2:].tolist() == [3.0, 4.0]
+    F.cross_entropy(masked, torch.tensor([3])).backward()
+    assert logits.grad[0, :2].tolist() == [0.0, 0.0] and logits.grad[0, 2:].abs().sum() > 0
+    t1, t2 = tasks()
+    for name, past_zero in (("ft_pp", True), ("ft", False)):
+        m = make(name)
+        m.begin_task(t2)
+        m.loss(batch(t2))["loss"].backward()
+        gw = m.head.weight.grad
+        assert (gw[:2].abs().sum() == 0) == past_zero, name
+        assert gw[2:].abs().sum() > 0
+        assert m.backbone.vit.blocks[0].attn.qkv.weight.grad is not None  # the whole ViT trains
+
+
+def test_lwf_distillation_value():
+    from continual_bench.methods.cls.lwf import lwf_distillation
+
+    student = torch.zeros(1, 2)
+    teacher = torch.tensor([[2 * math.log(3.0), 0.0]])
+    # T = 2: teacher softmax([ln 3, 0]) = [3/4, 1/4]; student log-softmax = [ln 1/2, ln 1/2] -> loss = ln 2
+    assert lwf_distillation(student, teacher, 2.0).item() == pytest.approx(math.log(2))
+    m = make("lwf")
+    t1, t2 = tasks()
+    m.begin_task(t1)
+    assert m.teacher is None and set(m.loss(batch(t1))) == {"ce", "loss"}
+    m.begin_task(t2)
+    b = batch(t2)
+    out = m.loss(b)
+    assert out["distill"].item() == pytest.approx(lwf_distillation(
+        m.logits(b["x"])[:, :2], m.teacher["head"](m.teacher["backbone"](b["x"]))[:, :2], 2.0).item(), abs=1e-6)
+    # right after the snapshot the student equals the teacher: distillation = entropy of the teacher
+    p = F.softmax(m.logits(b["x"])[:, :2] / 2, dim=1)
+    assert out["distill"].item() == pytest.approx(float(-(p * p.log()).sum(1).mean().detach()), abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- C-LoRA
+def test_c_lora_penalty_and_merged_past_products():
+    t1, t2 = tasks()
+    m = make("c_lora", rank=2)
+    targets = m.targets
+    assert len(targets) == 5 and all(t.endswith("attn.qkv") for t in targets)
+    w_init = {n: m._weight(n).detach().clone() for n in targets}
+    # hand-made task-1 LoRA: A1[0,0] = 1, B1[0,0] = 2 -> product has a single entry 2 at (0, 0)
+    state = {f"head.{k}": v for k, v in m.head.state_dict().items()}
+    for n in targets:
+        A1, B1 = torch.zeros(2, 16), torch.zeros(48, 2)
+        A1[0, 0], B1[0, 0] = 1.0, 2.0
+        state[f"lora.001.{n}.A"], state[f"lora.001.{n}.B"] = A1, B1
+    m.load_state(state, [t1])
+    m.begin_task(t2)
+    for n in targets:
+        d = m._weight(n).detach() - w_init[n]  # W = W_init + A1 B1 (past product merged, frozen)
+        assert d[0, 0].item() == pytest.approx(2.0) and d.abs().sum().item() == pytest.approx(2.0)
+    # hand-made current LoRA: product rows 0 and 1 = [3, 1, 0, ...]
+    with torch.no_grad():
+        for a, b in m.lora_pairs().values():
+            a.weight.zero_()
+            b.weight.zero_()
+            a.weight[0, 0], a.weight[0, 1] = 3.0, 1.0
+            b.weight[0, 0], b.weight[1, 0] = 1.0, 1.0
+    # || |past| ⊙ current ||_F^2 per target = (2 * 3)^2 = 36 (only (0, 0) overlaps); 5 targets
+    assert m.penalty().item() == pytest.approx(5 * 36.0)
+    out = m.loss(batch(t2))
+    assert out["loss"].item() == pytest.approx(out["ce"].item() + m.settings.lam * 180.0, rel=1e-6)
+    out["loss"].backward()
+    a, b = m.lora_pairs()[targets[0]]
+    assert a.weight.grad is not None and not m._weight(targets[0]).requires_grad
+    # the LoRA is applied in the forward pass: output changes by B A x on the qkv input
+    m.end_task(t2)
+    assert set(k for k in m.state_dict() if k.startswith("lora.")) == {
+        f"lora.{t:03d}.{n}.{x}" for t in (1, 2) for n in targets for x in "AB"}
+
+
+def test_c_lora_no_penalty_on_first_task():
+    m = make("c_lora", rank=2)
+    t1, _ = tasks()
+    m.begin_task(t1)
+    out = m.loss(batch(t1))
+    assert "penalty" not in out and m.penalty().item() == 0.0
+
+
+def test_cosine_schedule_is_coda_prompts():
+    assert cosine_factor(0, 50) == 1.0
+    assert cosine_factor(49, 50) == pytest.approx(math.cos(99 * math.pi / 200))
+    assert cosine_factor(0, 1) == 1.0

@@ -1,0 +1,132 @@
+# Class-incremental classification (CODA-Prompt protocol): data -> backbone -> train + evaluate each run.
+# toy world: toy_imagenet_r generated here + a tiny ViT pretrained here on its photo rendition;
+# paper profile: ImageNet-R (images + CODA-P split files, fetched by other rules) + ViT-B/16 safetensors.
+# Runs write metrics.csv (same long format as t2i, so the tables rule summarizes both tracks),
+# acc_matrix.csv, R.csv (the same matrix in the t2i R format, for the figures) and train.json;
+# checkpoints live next to them, undeclared, so a killed job resumes.
+CLS_RUN_DIR = "{results}/runs/{benchmark}/T{n_tasks}/{method}/seed{seed}"
+TOY_CLS_DATA = "data/toy/toy_imagenet_r/manifest.csv"
+TOY_VIT = f"{TOY}/vit"
+
+
+def cls_is_toy(benchmark):
+    return benchmark.startswith("toy_")
+
+
+def cls_data_dir(benchmark):
+    return f"data/toy/{benchmark}" if cls_is_toy(benchmark) else f"data/paper/{benchmark}"
+
+
+def cls_backbone(w):
+    return TOY_VIT if cls_is_toy(w.benchmark) else config["cls_paper"]["backbone"]
+
+
+def cls_backbone_input(w):
+    return f"{TOY_VIT}/vit_config.json" if cls_is_toy(w.benchmark) else config["cls_paper"]["backbone"]
+
+
+def cls_settings(w):
+    return json.dumps({**config["cls_train"], **config["cls_method_settings"].get(w.method, {})}, sort_keys=True)
+
+
+def cls_data_args(w):
+    """Augmentation and input size: toy = flips at the backbone's size; paper = CODA-P's crops at 224."""
+    if cls_is_toy(w.benchmark):
+        return "--augment flip"
+    p = config["cls_paper"]
+    return f"--augment rrc --image-size {p['image_size']} --workers {p['workers']} --backbone-name {p['backbone_name']}"
+
+
+ruleorder: toy_imagenet_r_data > toy_data
+ruleorder: train_cls > train
+ruleorder: train_cls > evaluate
+
+
+rule toy_imagenet_r_data:
+    output:
+        TOY_CLS_DATA,
+    log:
+        "logs/toy/data_toy_imagenet_r.log",
+    params:
+        out=lambda w, output: Path(output[0]).parent,
+        cfg=config["toy_cls"],
+    conda:
+        CONDA_ENV
+    shell:
+        "continual-bench make-toy-imagenet-r --out {params.out} --seed {params.cfg[data_seed]} "
+        "--n-classes {params.cfg[n_classes]} --n-train {params.cfg[n_train]} --n-test {params.cfg[n_test]} "
+        "--n-pretrain {params.cfg[n_pretrain]} 2> {log}"
+
+
+rule toy_vit:
+    input:
+        TOY_CLS_DATA,
+    output:
+        f"{TOY_VIT}/vit_config.json",
+    log:
+        "logs/toy/vit.log",
+    params:
+        data=lambda w, input: Path(input[0]).parent,
+        out=lambda w, output: Path(output[0]).parent,
+        cfg=config["toy_cls"],
+    priority: 10  # the classification track's critical path
+    threads: 1  # runs beside the text-to-image pretraining
+    conda:
+        CONDA_ENV
+    shell:
+        "continual-bench --threads {threads} pretrain-vit --data {params.data} --out {params.out} "
+        "--steps {params.cfg[vit_steps]} --batch-size {params.cfg[vit_batch_size]} --lr {params.cfg[vit_lr]} "
+        "--patch-size {params.cfg[vit_patch_size]} --embed-dim {params.cfg[vit_embed_dim]} "
+        "--depth {params.cfg[vit_depth]} --heads {params.cfg[vit_heads]} 2> {log}"
+
+
+rule prepare_imagenet_r:
+    input:
+        images=config["cls_paper"]["imagenet_r_images"],
+        train=f"{config['cls_paper']['imagenet_r_splits']}/imagenet-r_train.yaml",
+        test=f"{config['cls_paper']['imagenet_r_splits']}/imagenet-r_test.yaml",
+    output:
+        "data/paper/imagenet_r/manifest.csv",
+    log:
+        "logs/paper/prepare_imagenet_r.log",
+    params:
+        out=lambda w, output: Path(output[0]).parent,
+        splits=lambda w, input: Path(input.train).parent,
+    conda:
+        CONDA_ENV
+    shell:
+        "continual-bench prepare-imagenet-r --images {input.images} --splits {params.splits} --out {params.out} 2> {log}"
+
+
+rule train_cls:
+    input:
+        backbone=cls_backbone_input,
+        data=lambda w: f"{cls_data_dir(w.benchmark)}/manifest.csv",
+    output:
+        metrics=f"{CLS_RUN_DIR}/metrics.csv",
+        acc=f"{CLS_RUN_DIR}/acc_matrix.csv",
+        R=f"{CLS_RUN_DIR}/R.csv",
+        train=f"{CLS_RUN_DIR}/train.json",
+    log:
+        f"{CLS_RUN_DIR}/logs/train_cls.log",
+    params:
+        backbone=cls_backbone,
+        data=lambda w: cls_data_dir(w.benchmark),
+        settings=cls_settings,
+        extra=cls_data_args,
+        ckpt=lambda w, output: Path(output.metrics).with_name("checkpoints"),
+        device=config["device"],
+    wildcard_constraints:
+        benchmark="toy_imagenet_r|imagenet_r",
+    priority: 5
+    threads: config["threads_per_run"]
+    resources:
+        gpu=1,
+    conda:
+        CONDA_ENV
+    shell:
+        "continual-bench --threads {threads} train-cls "
+        "--backbone {params.backbone} --data {params.data} --benchmark {wildcards.benchmark} "
+        "--method {wildcards.method} --n-tasks {wildcards.n_tasks} --seed {wildcards.seed} "
+        "--settings {params.settings:q} --ckpt-dir {params.ckpt} --device {params.device} {params.extra} "
+        "--out-train {output.train} --out-metrics {output.metrics} --out-acc {output.acc} --out-R {output.R} 2> {log}"
