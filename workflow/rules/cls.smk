@@ -4,39 +4,6 @@
 # Runs write metrics.csv (same long format as t2i, so the tables rule summarizes both tracks),
 # acc_matrix.csv, R.csv (the same matrix in the t2i R format, for the figures) and train.json;
 # checkpoints live next to them, undeclared, so a killed job resumes.
-CLS_RUN_DIR = "{results}/runs/{benchmark}/T{n_tasks}/{method}/seed{seed}"
-TOY_CLS_DATA = "data/toy/toy_imagenet_r/manifest.csv"
-TOY_VIT = f"{TOY}/vit"
-
-
-def cls_is_toy(benchmark):
-    return benchmark.startswith("toy_")
-
-
-def cls_data_dir(benchmark):
-    return f"data/toy/{benchmark}" if cls_is_toy(benchmark) else f"data/paper/{benchmark}"
-
-
-def cls_backbone(w):
-    return TOY_VIT if cls_is_toy(w.benchmark) else config["cls_paper"]["backbone"]
-
-
-def cls_backbone_input(w):
-    return f"{TOY_VIT}/vit_config.json" if cls_is_toy(w.benchmark) else config["cls_paper"]["backbone"]
-
-
-def cls_settings(w):
-    return json.dumps({**config["cls_train"], **config["cls_method_settings"].get(w.method, {})}, sort_keys=True)
-
-
-def cls_data_args(w):
-    """Augmentation and input size: toy = flips at the backbone's size; paper = CODA-P's crops at 224."""
-    if cls_is_toy(w.benchmark):
-        return "--augment flip"
-    p = config["cls_paper"]
-    return f"--augment rrc --image-size {p['image_size']} --workers {p['workers']} --backbone-name {p['backbone_name']}"
-
-
 ruleorder: toy_imagenet_r_data > toy_data
 ruleorder: train_cls > train
 ruleorder: train_cls > evaluate
