@@ -18,6 +18,13 @@ at 32x32 RGB, deterministically from a seed:
   (stitched hatching on fabric). They keep the geometry and change everything else, as ImageNet-R does;
 * per-image nuisances: position, scale, a small rotation, lighting, noise.
 
+Why these sizes (measured, toy ViT of :mod:`continual_bench.backbones.vit`, 1,400 pretraining steps): with
+marks of 2-3 px, object radii of 26-38 % of the image and 2-5 clutter blobs per photo, the backbone reached
+27 % on held-out photos; with the larger marks, objects and less clutter used now, 78 % with 100 photos
+per class and 90 % with 200 (nearest-class-mean accuracy of its frozen features on the other renditions:
+42 % and 55 %; a ViT-B/16 prototype classifier on ImageNet-R is in the mid 50s to low 60s, so the toy
+sits in the same regime).
+
 Layout written by :func:`write_toy_imagenet_r` (the prepared-dataset layout of
 :mod:`continual_bench.data.datasets`; :mod:`continual_bench.data.imagenet_r` writes the real dataset the
 same way, so one classification code path reads both)::
@@ -331,7 +338,7 @@ def draw(cls: dict, rendition: str, rng: np.random.Generator) -> Image.Image:
 
 # ------------------------------------------------------------------------------------------------ writer
 def write_toy_imagenet_r(out: str | Path, *, seed: int = 0, n_classes: int = 40, n_train: int = 12, n_test: int = 3,
-                         n_pretrain: int = 100, renditions: tuple[str, ...] | list[str] = CL_RENDITIONS) -> Path:
+                         n_pretrain: int = 200, renditions: tuple[str, ...] | list[str] = CL_RENDITIONS) -> Path:
     """Generate the world into ``out`` (deterministic in ``seed``); returns ``out``.
 
     Per class: ``n_pretrain`` photo images (split ``pretrain``) and, for each continual-learning

@@ -37,9 +37,11 @@ class CLoRA(ClsMethod):
     qkv is the ViT's closest analogue and the default).
 
     lambda: the paper gives 1e8 for Stable Diffusion's weight scale; the penalty is fourth order in the
-    weight updates, so its scale depends on the model. The toy default (1e3) was chosen by measuring the
-    raw penalty on the toy ViT (README, classification track) so that it is a fraction of the CE loss
-    without freezing the new LoRA; the paper profile should set its own value.
+    weight updates, so its scale depends on the model. On the toy ViT (rank 8, 15 epochs) unregularized
+    LoRAs reach a raw penalty of 1.5e-3 / 2.5e-3 after tasks 2 / 3 (cross-entropy ~0.25). Measured on
+    toy_imagenet_r, 5 tasks, seed 0 (one seed: a calibration, not a result): lambda 0 / 1e2 / 1e3 gave
+    A_N 26.3 / 30.0 / 35.2 and plasticity P_N 74 / 68 / 58, so 1e3, the strongest value tried at which
+    every task is still learned, is the toy default. The paper profile must set its own value.
     """
 
     paper = "Smith et al., Continual Diffusion (C-LoRA), TMLR 2024"
