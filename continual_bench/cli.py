@@ -10,6 +10,7 @@ from pathlib import Path
 from .utils import UserError, setup_logging
 
 log = logging.getLogger("continual_bench")
+GPU_COMMANDS = frozenset({"train", "generate", "train-cls"})  # the rules that declare resources: gpu=1
 
 
 def _json_arg(text: str) -> dict:
@@ -178,6 +179,64 @@ def cmd_tables(a):
     build_report(a.run_dir, a.metrics)
 
 
+# ------------------------------------------------------------------------- paper profile: data and models
+def cmd_fetch(a):
+    from .data.paper import fetch_dataset
+
+    rec = fetch_dataset(a.manifest, a.out, manual_dir=a.manual_dir, offline=a.offline, base_url=a.base_url,
+                        record=a.record, lock=a.lock)
+    log.info("fetched %s into %s (%s)", a.manifest, a.out, rec)
+
+
+def cmd_prepare_celeba_hq(a):
+    from .data.celeba_hq import prepare_celeba_hq
+
+    prepare_celeba_hq(a.raw, a.out, data_seed=a.data_seed, settings=_json_arg(a.settings), manifest=a.manifest)
+
+
+def cmd_select_gldv2_waterfalls(a):
+    from .data.gldv2 import select_waterfalls
+
+    select_waterfalls(a.raw, a.out, data_seed=a.data_seed, settings=_json_arg(a.settings), manifest=a.manifest)
+
+
+def cmd_fetch_gldv2_images(a):
+    from .data.gldv2 import fetch_waterfall_images
+
+    stats = fetch_waterfall_images(a.raw, a.selection, a.out, settings=_json_arg(a.settings), manifest=a.manifest,
+                                   lock=a.lock, base_url=a.base_url, offline=a.offline)
+    log.info("gldv2 images: %s", stats)
+
+
+def cmd_prepare_gldv2_waterfalls(a):
+    from .data.gldv2 import prepare_gldv2_waterfalls
+
+    prepare_gldv2_waterfalls(a.raw, a.fetched, a.out, data_seed=a.data_seed, settings=_json_arg(a.settings),
+                             manifest=a.manifest)
+
+
+def cmd_prepare_imagenet_r_fetched(a):
+    from .data.paper import prepare_imagenet_r_from_manifest
+
+    prepare_imagenet_r_from_manifest(a.raw, a.out, manifest=a.manifest, mode=a.mode)
+
+
+def cmd_fetch_models(a):
+    from .data.manifests import load_models
+    from .data.model_resources import fetch_model
+
+    names = a.model or sorted(load_models(a.models_file))
+    for name in names:
+        out = fetch_model(name, a.resources, offline=a.offline, base_url=a.base_url, models_file=a.models_file)
+        log.info("model %s ready in %s", name, out)
+
+
+def cmd_build_paper_judge(a):
+    from .data.model_resources import build_paper_judge
+
+    build_paper_judge(a.clip, a.inception, a.out)
+
+
 # ------------------------------------------------------------------------------------------- parser
 def _add_run_args(p):
     p.add_argument("--backbone", required=True, help="pipeline directory (save_pretrained layout)")
@@ -327,6 +386,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-R", default=None, help="the accuracy matrix in the R-matrix format the figures read")
     p.set_defaults(func=cmd_train_cls)
 
+    # ---- paper profile: real data and pretrained models (workflow/rules/fetch.smk)
+    def _fetch_args(p, manifest_default=None):
+        p.add_argument("--offline", action="store_true", help="download nothing; verify the files present, name the missing")
+        p.add_argument("--base-url", default=None, help="fetch from a mirror laid out as <base-url>/<host>/<path>")
+        if manifest_default is not None:
+            p.add_argument("--manifest", default=manifest_default, help="manifest name or YAML file")
+
+    p = sub.add_parser("fetch", help="fetch and verify a dataset manifest's files (data_manifests/<name>.yaml)")
+    p.add_argument("--manifest", required=True, help="manifest name (imagenet_r, celeba_hq, gldv2_waterfalls) or YAML file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--manual-dir", default=None, help="folder with the files downloaded by hand (TFDS manual_dir)")
+    p.add_argument("--record", default=None, help="fetched.json written last (default: <out>/fetched.json)")
+    p.add_argument("--lock", default=None, help="checksum lock file (default: <out>/checksums.lock.json)")
+    _fetch_args(p)
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("prepare-celeba-hq", help="Celeb-A HQ identities -> the prepared layout (folder per concept)")
+    p.add_argument("--raw", required=True, help="the folder `fetch --manifest celeba_hq` filled")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--settings", default="{}", help="JSON object overriding the manifest's selection params")
+    p.add_argument("--manifest", default="celeba_hq")
+    p.set_defaults(func=cmd_prepare_celeba_hq)
+
+    p = sub.add_parser("select-gldv2-waterfalls", help="GLDv2 metadata -> selection.csv (waterfall candidates, draw order)")
+    p.add_argument("--raw", required=True, help="the folder `fetch --manifest gldv2_waterfalls` filled")
+    p.add_argument("--out", required=True, help="selection.csv")
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--settings", default="{}")
+    p.add_argument("--manifest", default="gldv2_waterfalls")
+    p.set_defaults(func=cmd_select_gldv2_waterfalls)
+
+    p = sub.add_parser("fetch-gldv2-images", help="download only the selected GLDv2 images (polite, resumable, locked)")
+    p.add_argument("--raw", required=True)
+    p.add_argument("--selection", required=True)
+    p.add_argument("--out", required=True, help="fetched.csv")
+    p.add_argument("--lock", default=None, help="checksum lock file (default: <raw>/images.lock.json)")
+    p.add_argument("--settings", default="{}")
+    _fetch_args(p, "gldv2_waterfalls")
+    p.set_defaults(func=cmd_fetch_gldv2_images)
+
+    p = sub.add_parser("prepare-gldv2-waterfalls", help="fetched GLDv2 waterfalls -> the prepared layout + attribution.csv")
+    p.add_argument("--raw", required=True)
+    p.add_argument("--fetched", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--settings", default="{}")
+    p.add_argument("--manifest", default="gldv2_waterfalls")
+    p.set_defaults(func=cmd_prepare_gldv2_waterfalls)
+
+    p = sub.add_parser("prepare-imagenet-r-fetched", help="ImageNet-R fetched with its manifest -> the prepared layout")
+    p.add_argument("--raw", required=True, help="the folder `fetch --manifest imagenet_r` filled (images/, splits/)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--manifest", default="imagenet_r")
+    p.add_argument("--mode", choices=["symlink", "hardlink", "copy"], default="symlink")
+    p.set_defaults(func=cmd_prepare_imagenet_r_fetched)
+
+    p = sub.add_parser("fetch-models", help="fetch pretrained models (data_manifests/models.yaml) into local folders")
+    p.add_argument("--resources", required=True, help="models go to <resources>/<name>/")
+    p.add_argument("--model", action="append", default=None, help="a name in models.yaml (repeatable; default: all)")
+    p.add_argument("--models-file", default=None, help="default: data_manifests/models.yaml")
+    _fetch_args(p)
+    p.set_defaults(func=cmd_fetch_models)
+
+    p = sub.add_parser("build-paper-judge", help="CLIP ViT-B/32 local-dir + Inception weights -> one judge folder")
+    p.add_argument("--clip", required=True)
+    p.add_argument("--inception", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_build_paper_judge)
+
     p = sub.add_parser("tables", help="summary.csv, tables and figures of a run directory from its metric files")
     p.add_argument("run_dir")
     p.add_argument("--metrics", nargs="*", default=None, help="metric files (default: run_dir/runs/**/metrics.csv)")
@@ -341,6 +470,10 @@ def main(argv=None) -> int:
 
     if args.threads:
         set_threads(args.threads)
+    if args.command in GPU_COMMANDS:  # before CUDA is initialised: one GPU per job (gpu_slots.py)
+        from .gpu_slots import acquire_gpu_slot
+
+        acquire_gpu_slot()
     try:
         args.func(args)
     except UserError as e:

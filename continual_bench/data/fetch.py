@@ -27,7 +27,13 @@ Design
 * :func:`download_many` fetches many small files (GLDv2 images) politely: a minimum interval between
   requests to one host, files already present and verified are skipped (so a rerun resumes), and a dead
   link or corrupt image is reported per file instead of stopping the batch.
-* :func:`fetch_manifest` runs all of the above for one :class:`~continual_bench.data.manifests.Manifest`.
+* :func:`fetch_manifest` runs all of the above for one :class:`~continual_bench.data.manifests.Manifest`;
+  with ``offline`` it only verifies the files already present and names the first missing one; with
+  ``base_url`` every URL is fetched from a mirror laid out as ``<base_url>/<host>/<path>``
+  (:func:`mirror_url`; the tests serve such a mirror from 127.0.0.1).
+* Hugging Face downloads carry ``Authorization: Bearer $HF_TOKEN`` when that variable is set (gated
+  repositories such as Stable Diffusion v1.4 need it); requests drops the header on the redirect to the
+  content host.
 """
 from __future__ import annotations
 
@@ -65,6 +71,21 @@ USER_AGENT = f"continual-bench/{__version__} (dataset fetcher; python-requests)"
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 HTML_MESSAGE = "got an HTML page (quota or login page?) instead of the file"
 _HTML_PREFIXES = (b"<!doctype", b"<html")
+HF_HOSTS = frozenset({"huggingface.co"})
+
+
+def mirror_url(url: str, base_url: str | None) -> str:
+    """``url`` itself, or with a mirror ``base_url``: ``scheme://host/path?query`` -> ``<base_url>/host/path?query``."""
+    if not base_url:
+        return url
+    parts = urlsplit(url)
+    rest = parts.path + (f"?{parts.query}" if parts.query else "")
+    return f"{base_url.rstrip('/')}/{parts.netloc}{rest}"
+
+
+def _auth_headers(url: str) -> dict[str, str]:
+    token = os.environ.get("HF_TOKEN", "").strip()
+    return {"Authorization": f"Bearer {token}"} if token and urlsplit(url).hostname in HF_HOSTS else {}
 
 
 # --------------------------------------------------------------------------------------------- hashes
@@ -80,6 +101,12 @@ def file_digests(path: str | Path, algorithms: tuple[str, ...] = ("sha256",)) ->
 
 def sha256_file(path: str | Path) -> str:
     return file_digests(path)["sha256"]
+
+
+def check_sha256_prefix(actual: str, prefix: str | None, name: str | Path) -> None:
+    """A file named after its hash (torch hub's ``<name>-<first hex digits of sha256>.pth``) must match it."""
+    if prefix and not actual.startswith(prefix.lower()):
+        raise UserError(f"{name}: sha256 {actual} does not start with the published prefix {prefix}")
 
 
 def verify_checksums(path: Path, *, sha256: str | None = None, md5: str | None = None,
@@ -159,7 +186,7 @@ _NETWORK_ERRORS = (requests.ConnectionError, requests.Timeout, urllib3.exception
 def _attempt(session: requests.Session, url: str, part: Path, timeout: float, min_interval: float) -> None:
     """One HTTP request that appends to (or restarts) ``part``; raises _Transient or UserError."""
     offset = part.stat().st_size if part.exists() else 0
-    headers = {"Accept-Encoding": "identity"}
+    headers = {"Accept-Encoding": "identity", **_auth_headers(url)}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     _RATE_LIMITER.wait(urlsplit(url).netloc, min_interval)
@@ -509,13 +536,17 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 # ------------------------------------------------------------------------------------------ manifest
 def fetch_manifest(manifest: Manifest, out: str | Path, *, manual_dir: str | Path | None = None,
                    lock: ChecksumLock | None = None, retries: int = 3, timeout: float = 60.0,
-                   min_interval: float = 0.0, backoff: float = 1.0) -> dict[str, Path]:
+                   min_interval: float = 0.0, backoff: float = 1.0, offline: bool = False,
+                   base_url: str | None = None) -> dict[str, Path]:
     """Fetch, verify and extract every file of ``manifest`` under ``out``; return ``{path: local file}``.
 
     Files with a sha256 or md5 in the manifest are verified against it; the others against ``lock``
-    (default ``out/checksums.lock.json``), which records them on first use. Manual files are taken from
-    ``manual_dir`` and hard-linked (or copied) to ``out/<path>``. An ``extract`` directory already present
-    is not extracted again (it only ever appears complete); its ``provides`` paths must exist.
+    (default ``out/checksums.lock.json``), which records them on first use; a ``sha256_prefix`` is checked
+    as well. Manual files are taken from ``manual_dir`` and hard-linked (or copied) to ``out/<path>``. An
+    ``extract`` directory already present is not extracted again (it only ever appears complete); its
+    ``provides`` paths must exist. ``offline``: nothing is downloaded; every file must already be at
+    ``out/<path>`` (and verify), else a UserError names the first missing one. ``base_url``: fetch from a
+    mirror (:func:`mirror_url`).
     """
     out = Path(out)
     lock = lock or ChecksumLock(out / "checksums.lock.json")
@@ -529,12 +560,21 @@ def fetch_manifest(manifest: Manifest, out: str | Path, *, manual_dir: str | Pat
             if not pinned:
                 lock.verify_or_record(entry.path, src)
             _link_or_copy(src, dest)
+        elif offline:
+            if not dest.is_file():
+                raise UserError(f"{dest}: missing, and offline is set (nothing is downloaded); fetch it once "
+                                f"without offline, or place the file there yourself (source: {entry.url})")
+            verify_checksums(dest, sha256=entry.sha256, md5=entry.md5)
+            if not pinned:
+                lock.verify_or_record(entry.path, dest)
         elif pinned:
-            download(entry.url, dest, sha256=entry.sha256, md5=entry.md5, size=entry.size, retries=retries,
-                     timeout=timeout, min_interval=min_interval, backoff=backoff)
+            download(mirror_url(entry.url, base_url), dest, sha256=entry.sha256, md5=entry.md5, size=entry.size,
+                     retries=retries, timeout=timeout, min_interval=min_interval, backoff=backoff)
         else:
-            download_locked(entry.url, dest, lock, entry.path, size=entry.size, retries=retries,
-                            timeout=timeout, min_interval=min_interval, backoff=backoff)
+            download_locked(mirror_url(entry.url, base_url), dest, lock, entry.path, size=entry.size,
+                            retries=retries, timeout=timeout, min_interval=min_interval, backoff=backoff)
+        if entry.sha256_prefix:
+            check_sha256_prefix(entry.sha256 or lock.get(entry.path) or sha256_file(dest), entry.sha256_prefix, dest)
         files[entry.path] = dest
         if entry.extract:
             target = out / entry.extract
@@ -546,3 +586,20 @@ def fetch_manifest(manifest: Manifest, out: str | Path, *, manual_dir: str | Pat
                 raise UserError(f"{dest}: extracted to {target} but {missing[0]} is missing "
                                 f"({len(missing)} of the manifest's expected paths are)")
     return files
+
+
+def write_fetch_record(files: Mapping[str, Path], out: str | Path, *, manifest: Manifest,
+                       lock: ChecksumLock | None = None) -> Path:
+    """``out`` (JSON): which manifest was fetched, each file's path and sha256 (from the manifest or lock, or
+    hashed now). The workflow's fetch rules declare this file as their output: it appears only when the
+    whole manifest was fetched and verified."""
+    record = {"manifest": manifest.name, "source": str(manifest.source or ""), "files": {}}
+    by_path = {f.path: f for f in manifest.files}
+    for rel, path in sorted(files.items()):
+        entry = by_path.get(rel)
+        digest = (entry.sha256 if entry else None) or (lock.get(rel) if lock else None)
+        sums = ({"sha256": digest} if digest else {"md5": entry.md5} if entry and entry.md5
+                else {"sha256": sha256_file(path)})
+        record["files"][rel] = {**sums, "bytes": Path(path).stat().st_size}
+    atomic_write_json(out, record)
+    return Path(out)

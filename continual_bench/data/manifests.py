@@ -16,6 +16,7 @@ the file and the key. Layout::
         url: https://...             # required unless manual (then: where the user gets it)
         md5: <32 hex> | null         # published checksums; with neither, the first download is locked
         sha256: <64 hex> | null
+        sha256_prefix: <hex>         # optional: leading digits only (torch hub names files after them)
         size: <bytes> | null
         manual: false                # true: the user downloads it by hand into a manual directory
         instructions: ...            # required when manual: how to get the file
@@ -28,6 +29,11 @@ the file and the key. Layout::
 
 :mod:`continual_bench.data.fetch` (``fetch_manifest``) fetches a loaded manifest. The toy world's
 ``toy.yaml`` describes generated data and has another layout; it is not loaded here.
+
+``data_manifests/models.yaml`` lists the paper profile's pretrained models (:func:`load_models`): per
+model the same keys minus ``selection``, plus ``revision`` (the pinned Hugging Face commit or tag; every
+``huggingface.co`` URL must resolve that revision) and ``format`` (how the fetched files become a local
+resource, see :mod:`continual_bench.data.model_resources`).
 """
 from __future__ import annotations
 
@@ -44,7 +50,8 @@ MANIFEST_DIR = Path(__file__).resolve().parents[2] / "data_manifests"
 
 _TOP_KEYS = {"name": True, "title": True, "homepage": True, "license": True, "citation": False,
              "notes": False, "files": True, "selection": True}  # key -> required
-_FILE_KEYS = {"path", "url", "md5", "sha256", "size", "manual", "instructions", "extract", "provides", "note"}
+_FILE_KEYS = {"path", "url", "md5", "sha256", "sha256_prefix", "size", "manual", "instructions", "extract", "provides",
+              "note"}
 _SELECTION_KEYS = {"rule", "params"}
 _HEX = {"md5": 32, "sha256": 64}
 
@@ -59,6 +66,7 @@ class FileEntry:
     sha256: str | None = None
     size: int | None = None
     manual: bool = False
+    sha256_prefix: str | None = None
     instructions: str = ""
     extract: str | None = None
     provides: tuple[str, ...] = ()
@@ -136,6 +144,9 @@ def _file_entry(where: str, raw: Any) -> FileEntry:
         if value is not None and not (isinstance(value, str) and re.fullmatch(f"[0-9a-fA-F]{{{length}}}", value)):
             raise UserError(f"{where}: '{algo}' must be {length} hex digits or null, got {value!r}")
         sums[algo] = value.lower() if value else None
+    prefix = raw.get("sha256_prefix")
+    if prefix is not None and not (isinstance(prefix, str) and re.fullmatch("[0-9a-fA-F]{4,64}", prefix)):
+        raise UserError(f"{where}: 'sha256_prefix' must be 4 to 64 hex digits or null, got {prefix!r}")
     size = raw.get("size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
         raise UserError(f"{where}: 'size' must be a positive number of bytes or null, got {size!r}")
@@ -160,6 +171,7 @@ def _file_entry(where: str, raw: Any) -> FileEntry:
         raise UserError(f"{where}: 'provides' lists paths inside an extracted archive: set 'extract' too")
     return FileEntry(path=_relpath(where, "path", raw["path"]), url=url, md5=sums["md5"], sha256=sums["sha256"],
                      size=size, manual=manual, instructions=instructions, extract=extract,
+                     sha256_prefix=prefix.lower() if prefix else None,
                      provides=tuple(_relpath(where, "provides", p) for p in provides),
                      note=_text(where, "note", raw.get("note"), required=False))
 
@@ -216,3 +228,80 @@ def load_manifest(path: str | Path) -> Manifest:
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     return parse_manifest(raw, path)
+
+
+# ------------------------------------------------------------------------------------------- models
+MODELS_FILE = MANIFEST_DIR / "models.yaml"
+MODEL_FORMATS = ("diffusers", "open_clip_openai", "inception_weights", "timm")
+_MODEL_KEYS = {"title": True, "homepage": True, "license": True, "revision": True, "format": True, "files": True,
+               "citation": False, "notes": False}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One pretrained model of ``models.yaml``: its files (fetched like a dataset manifest) and their format."""
+
+    name: str
+    title: str
+    homepage: str
+    license: str
+    revision: str
+    format: str
+    files: tuple[FileEntry, ...]
+    citation: str = ""
+    notes: str = ""
+    source: Path | None = None
+
+    def as_manifest(self) -> Manifest:
+        """The same files as a dataset :class:`Manifest`, so that ``fetch_manifest`` fetches them."""
+        return Manifest(name=self.name, title=self.title, homepage=self.homepage, license=self.license,
+                        files=self.files, selection_rule="(a model: nothing is selected)", source=self.source)
+
+
+def parse_models(raw: Any, source: str | Path) -> dict[str, ModelSpec]:
+    where = str(source)
+    if not isinstance(raw, dict) or set(raw) != {"models"} or not isinstance(raw["models"], dict) or not raw["models"]:
+        raise UserError(f"{where}: expected one top-level key 'models' mapping model names to their entries")
+    out = {}
+    for name, entry in raw["models"].items():
+        at = f"{where}: models.{name}"
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9_]+", name):
+            raise UserError(f"{at}: model names are lower-case letters, digits and '_'")
+        if not isinstance(entry, dict):
+            raise UserError(f"{at}: expected a mapping")
+        unknown = sorted(set(entry) - set(_MODEL_KEYS), key=str)
+        if unknown:
+            raise UserError(f"{at}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(_MODEL_KEYS))})")
+        missing = [k for k, required in _MODEL_KEYS.items() if required and k not in entry]
+        if missing:
+            raise UserError(f"{at}: missing key '{missing[0]}'")
+        fmt = entry["format"]
+        if fmt not in MODEL_FORMATS:
+            raise UserError(f"{at}: format must be one of {', '.join(MODEL_FORMATS)}, got {fmt!r}")
+        revision = _text(at, "revision", entry["revision"], required=True)
+        if not isinstance(entry["files"], list) or not entry["files"]:
+            raise UserError(f"{at}: 'files' must be a non-empty list")
+        files = tuple(_file_entry(f"{at}: files[{i}]", f) for i, f in enumerate(entry["files"]))
+        if len({f.path for f in files}) != len(files):
+            raise UserError(f"{at}: a path appears twice in 'files'")
+        for f in files:
+            if f.url.startswith("https://huggingface.co/") and f"/resolve/{revision}/" not in f.url:
+                raise UserError(f"{at}: {f.path}: URL {f.url} does not resolve the pinned revision {revision}")
+        out[name] = ModelSpec(name=name, title=_text(at, "title", entry["title"], required=True),
+                              homepage=_url(at, "homepage", entry["homepage"]),
+                              license=_text(at, "license", entry["license"], required=True), revision=revision,
+                              format=fmt, files=files, citation=_text(at, "citation", entry.get("citation"), required=False),
+                              notes=_text(at, "notes", entry.get("notes"), required=False), source=Path(source))
+    return out
+
+
+def load_models(path: str | Path | None = None) -> dict[str, ModelSpec]:
+    """Read and validate ``models.yaml`` (default: the one in ``data_manifests/``)."""
+    path = Path(path) if path is not None else MODELS_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: models manifest not found")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    return parse_models(raw, path)

@@ -1,0 +1,267 @@
+"""The paper profile (issue 6): its DAG plans every job, the fetchers and preparation steps work on fake
+Celeb-A HQ / GLDv2 / ImageNet-R trees served from 127.0.0.1 and write the toy world's layout, the models
+fetcher and the real judge's loader, and one short DAG run on the fakes (toy backbone, tiny steps).
+
+The fakes have the real layouts (CelebAMask-HQ.zip with the CelebA-HQ-to-CelebA mapping, identity_CelebA.txt;
+GLDv2's metadata CSVs with image URLs, some dead; the ImageNet-R tar and CODA-Prompt-format split yamls).
+They are served as a mirror (``<base_url>/<host>/<path>``, config ``paper.base_url``) with manifests whose
+checksums are the fakes' (config ``paper.manifests_dir``); nothing leaves 127.0.0.1.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import threading
+import zipfile
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from continual_bench.utils import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+PAPER = REPO / "config" / "paper.yaml"
+SPLITS_URL = "raw.githubusercontent.com/GT-RIPL/CODA-Prompt/6417d4f68754be68b697c7ca2323ee61e791e1a3/dataloaders/splits"
+T2I_METHODS = ["textual_inversion", "dreambooth", "lora_sequential", "custom_diffusion", "custom_diffusion_merge",
+               "custom_diffusion_ewc", "generative_replay", "c_lora", "lfs_diffusion", "lfs_diffusion_no_icgen",
+               "joint", "lora_per_concept"]
+CLS_METHODS = ["upper_bound", "ft", "ft_pp", "lwf", "l2p", "l2p_pp", "dualprompt", "coda_p", "c_lora"]
+
+
+def _env() -> dict:
+    return dict(os.environ, CONTINUAL_BENCH_NO_TQDM="1", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+
+
+def snakemake(workdir: Path, *args: str, configfile: Path = PAPER, timeout: int = 300,
+              check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(configfile), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    if check and res.returncode != 0:
+        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in workdir.rglob("*.log"))
+        raise AssertionError(f"snakemake failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}\n{logs}")
+    return res
+
+
+def rule_counts(text: str) -> dict[str, int]:
+    """``--quiet rules`` prints a table 'rule  count'."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", parts[0]):
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- fakes
+def _jpeg(color: tuple[int, int, int], size: int = 40, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(color, dtype=np.float32) + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _put(root: Path, rel: str, data: bytes) -> Path:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# identities: CelebA file -> identity; CelebA-HQ holds 4 images of 3 identities, 2 of one, 1 of another
+CELEB_HQ = {7: 4, 12: 4, 30: 4, 41: 2, 55: 1}
+# GLDv2: landmark_id -> (category name, n images); "Fallsburg" is not the whole word "Falls"
+GLD = {1: ("Niagara_Falls", 4), 2: ("Eiffel_Tower", 4), 3: ("Cascada_del_waterfall_x", 4), 4: ("Angel_Falls", 4),
+       5: ("Fallsburg", 4), 6: ("Sutherland%20Falls", 4)}
+GLD_DEAD = {"3000000000000003"}  # one dead link (landmark 3's first image)
+WNIDS = ["n01443537", "n01484850", "n01494475", "n01498041"]
+
+
+def build_fakes(root: Path) -> dict[str, Path]:
+    """Fake raw datasets in their real layouts: a mirror tree (served over HTTP), a manual-download folder,
+    and manifests carrying the fakes' checksums. Returns their paths."""
+    mirror, manual, manifests = root / "mirror", root / "manual", root / "manifests"
+    for d in (mirror, manual / "celeba_hq", manifests):
+        d.mkdir(parents=True, exist_ok=True)
+    shipped = {n: yaml.safe_load((REPO / "data_manifests" / f"{n}.yaml").read_text())
+               for n in ("celeba_hq", "gldv2_waterfalls", "imagenet_r")}
+
+    # --- Celeb-A HQ: CelebAMask-HQ.zip (images + mapping) and identity_CelebA.txt, both by hand
+    zbuf, idx, ident_lines, mapping = io.BytesIO(), 0, [], ["idx orig_idx orig_file"]
+    with zipfile.ZipFile(zbuf, "w") as zf:
+        for identity, n in CELEB_HQ.items():
+            for j in range(n):
+                orig = f"{identity * 100 + j:06d}.jpg"
+                ident_lines.append(f"{orig} {identity}")
+                mapping.append(f"{idx} {identity * 100 + j} {orig}")
+                zf.writestr(f"CelebAMask-HQ/CelebA-HQ-img/{idx}.jpg", _jpeg((20 * identity % 255, 90, 160), seed=idx))
+                idx += 1
+        zf.writestr("CelebAMask-HQ/CelebA-HQ-to-CelebA-mapping.txt", "\n".join(mapping) + "\n")
+    ident_lines.append("999999.jpg 77")  # CelebA images outside CelebA-HQ are listed too
+    identity_txt = ("\n".join(ident_lines) + "\n").encode()
+    (manual / "celeba_hq" / "CelebAMask-HQ.zip").write_bytes(zbuf.getvalue())
+    (manual / "celeba_hq" / "identity_CelebA.txt").write_bytes(identity_txt)
+    m = shipped["celeba_hq"]
+    next(f for f in m["files"] if f["path"] == "identity_CelebA.txt")["md5"] = _md5(identity_txt)
+    m["selection"]["params"].update(min_images=3, n_concepts=2, resolution=32, n_generic=2)
+
+    # --- GLDv2: metadata CSVs on the S3 host, images on a Wikimedia-like host (some links dead)
+    cats, train, attrib = ["landmark_id,category"], ["id,url,landmark_id"], ["id,url,author,license,title"]
+    for lid, (name, n) in GLD.items():
+        cats.append(f"{lid},http://commons.wikimedia.org/wiki/Category:{name}")
+        for j in range(n):
+            image_id = f"{lid}{j:015d}"
+            url = f"https://upload.wikimedia.org/wikipedia/commons/{image_id[:2]}/{image_id}.jpg"
+            train.append(f"{image_id},{url},{lid}")
+            attrib.append(f'{image_id},{url},Author {lid},CC-BY-SA-4.0,"File:{name} {j}.jpg"')
+            if image_id not in GLD_DEAD:
+                _put(mirror, url.split("://", 1)[1], _jpeg((40, 60 + 25 * lid, 200), seed=int(image_id[-3:]) + lid))
+    for rel, lines in (("train.csv", train), ("train_label_to_category.csv", cats), ("train_attribution.csv", attrib)):
+        _put(mirror, f"s3.amazonaws.com/google-landmark/metadata/{rel}", ("\n".join(lines) + "\n").encode())
+    shipped["gldv2_waterfalls"]["selection"]["params"].update(
+        min_images=3, max_images=4, n_concepts=2, pool_size=2, min_interval_s=0.0, n_generic=2, generic_per_landmark=1,
+        resolution=32)
+
+    # --- ImageNet-R: the tar on the authors' host, CODA-Prompt-format split yamls at the pinned commit
+    tbuf = io.BytesIO()
+    rows = {"train": [], "test": []}
+    labels = [2, 0, 3, 1]  # label ids are not in sorted-wnid order: the yaml is the label map
+    with tarfile.open(fileobj=tbuf, mode="w") as tf:
+        for wnid, label in zip(WNIDS, labels):
+            for j, rendition in enumerate(["art", "cartoon", "sketch", "toy"]):
+                fname = f"{rendition}_{j}.jpg"
+                data = _jpeg((60 * label, 100, 80), seed=label * 10 + j)
+                info = tarfile.TarInfo(f"imagenet-r/{wnid}/{fname}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+                rows["test" if j == 3 else "train"].append((f"data/imagenet-r/{wnid}/{fname}", label))
+    tar = tbuf.getvalue()
+    _put(mirror, "people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar", tar)
+    m = shipped["imagenet_r"]
+    for split, split_rows in rows.items():
+        doc = yaml.safe_dump({"data": [p for p, _ in split_rows], "targets": [t for _, t in split_rows]}).encode()
+        _put(mirror, f"{SPLITS_URL}/imagenet-r_{split}.yaml", doc)
+        f = next(f for f in m["files"] if f["path"] == f"splits/imagenet-r_{split}.yaml")
+        f.update(sha256=_sha(doc), size=len(doc))
+    next(f for f in m["files"] if f["path"] == "imagenet-r.tar")["md5"] = _md5(tar)
+    m["selection"]["params"].update(n_classes=4, n_train=12, n_test=4, n_tasks=[2])
+
+    for name, raw in shipped.items():
+        (manifests / f"{name}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return {"mirror": mirror, "manual": manual, "manifests": manifests}
+
+
+class _Mirror(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+@pytest.fixture(scope="module")
+def fakes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fakes")
+    paths = build_fakes(root)
+    handler = functools.partial(_QuietHandler, directory=str(paths["mirror"]))
+    srv = _Mirror(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    paths["base_url"] = f"http://127.0.0.1:{srv.server_address[1]}"
+    yield paths
+    srv.shutdown()
+    srv.server_close()
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):
+        pass
+
+
+# ------------------------------------------------------------------------------- layout = the toy world's
+def _layout(root: Path) -> dict:
+    """What a prepared dataset looks like: manifest columns, and every image in its concept's folder."""
+    df = pd.read_csv(root / "manifest.csv", dtype=str)
+    folders = {p.split("/")[0] for p in df.path}
+    concepts = set(df.concept)
+    assert all((root / p).is_file() for p in df.path), "manifest lists missing images"
+    assert all(p.split("/")[0] == c for p, c in zip(df.path, df.concept)), "an image outside its concept's folder"
+    assert all(p.count("/") == 1 for p in df.path)
+    return {"columns": list(df.columns), "folder_per_concept": folders == concepts, "world_json": (root / "world.json").is_file(),
+            "splits": set(df.split)}
+
+
+def test_fetch_and_prepare_fakes_give_the_toy_layout(fakes, tmp_path, tiny_world):
+    from continual_bench.data.celeba_hq import prepare_celeba_hq
+    from continual_bench.data.datasets import PreparedDataset
+    from continual_bench.data.gldv2 import fetch_waterfall_images, prepare_gldv2_waterfalls, select_waterfalls
+    from continual_bench.data.paper import fetch_dataset, prepare_imagenet_r_from_manifest
+    from continual_bench.data.toy_imagenet_r import write_toy_imagenet_r
+
+    man, raw, out = fakes["manifests"], tmp_path / "raw", tmp_path / "prepared"
+    toy = _layout(tiny_world)
+
+    # Celeb-A HQ: manual files only; a missing manual dir names the files and where they go
+    with pytest.raises(UserError, match="manual download required.*CelebAMask-HQ.zip"):
+        fetch_dataset(man / "celeba_hq.yaml", raw / "celeba_hq", manual_dir=tmp_path / "nowhere")
+    fetch_dataset(man / "celeba_hq.yaml", raw / "celeba_hq", manual_dir=fakes["manual"] / "celeba_hq")
+    prepare_celeba_hq(raw / "celeba_hq", out / "celeba_hq", data_seed=0, manifest=man / "celeba_hq.yaml")
+    celeb = _layout(out / "celeba_hq")
+    assert celeb["columns"] == toy["columns"] and celeb["folder_per_concept"] and celeb["world_json"]
+    ds = PreparedDataset(out / "celeba_hq")
+    assert ds.concepts() == ["celeb_00007", "celeb_00012", "celeb_00030"]  # >= 3 images: the pool
+    assert len(ds.records("generic")) == 2 and ds.images("celeb_00007").shape == (4, 3, 32, 32)
+    world = json.loads((out / "celeba_hq" / "world.json").read_text())
+    assert world["concepts"]["celeb_00012"]["identity"] == 12 and world["selection"]["params"]["min_images"] == 3
+
+    # GLDv2: metadata, the documented selection, only the selected images, politely and locked
+    fetch_dataset(man / "gldv2_waterfalls.yaml", raw / "gldv2", base_url=fakes["base_url"])
+    candidates = select_waterfalls(raw / "gldv2", raw / "gldv2" / "selection.csv", manifest=man / "gldv2_waterfalls.yaml")
+    assert sorted(candidates) == [1, 3, 4, 6]  # waterfall / whole-word Falls; not Eiffel_Tower, not Fallsburg
+    stats = fetch_waterfall_images(raw / "gldv2", raw / "gldv2" / "selection.csv", raw / "gldv2" / "fetched.csv",
+                                   manifest=man / "gldv2_waterfalls.yaml", base_url=fakes["base_url"], backoff=0.0)
+    assert stats["concepts"] == 2 and stats["generic"] == 2
+    lock = json.loads((raw / "gldv2" / "images.lock.json").read_text())["sha256"]
+    fetched = pd.read_csv(raw / "gldv2" / "fetched.csv", dtype={"id": str})
+    assert set(lock) == set(fetched[fetched.status == "ok"].path)
+    assert (fetched[fetched.id.isin(GLD_DEAD)].status.str.contains("404")).all()
+    # offline: the same images verify against the lock without a request
+    fetch_waterfall_images(raw / "gldv2", raw / "gldv2" / "selection.csv", raw / "gldv2" / "fetched2.csv",
+                           manifest=man / "gldv2_waterfalls.yaml", offline=True)
+    prepare_gldv2_waterfalls(raw / "gldv2", raw / "gldv2" / "fetched.csv", out / "gldv2_waterfalls",
+                             manifest=man / "gldv2_waterfalls.yaml")
+    gld = _layout(out / "gldv2_waterfalls")
+    assert gld["columns"] == toy["columns"] and gld["folder_per_concept"] and gld["world_json"]
+    assert len(PreparedDataset(out / "gldv2_waterfalls").concepts()) == 2
+    credits = pd.read_csv(out / "gldv2_waterfalls" / "attribution.csv")
+    assert len(credits) == len(pd.read_csv(out / "gldv2_waterfalls" / "manifest.csv")) and credits.author.notna().all()
+
+    # ImageNet-R: the archive (md5) and the split files (sha256) from the mirror; classes as label-id folders
+    fetch_dataset(man / "imagenet_r.yaml", raw / "imagenet_r", base_url=fakes["base_url"])
+    prepare_imagenet_r_from_manifest(raw / "imagenet_r", out / "imagenet_r", manifest=man / "imagenet_r.yaml")
+    toy_cls = tmp_path / "toy_imagenet_r"
+    write_toy_imagenet_r(toy_cls, n_classes=2, n_train=1, n_test=1, n_pretrain=2)
+    inr, toy_inr = _layout(out / "imagenet_r"), _layout(toy_cls)
+    assert inr["columns"] == toy_inr["columns"] and inr["folder_per_concept"] and inr["world_json"]
+    assert inr["splits"] == {"train", "test"} <= toy_inr["splits"]
+    # offline with nothing fetched: the first missing file is named
+    with pytest.raises(UserError, match=r"imagenet-r.tar: missing, and offline is set"):
+        fetch_dataset(man / "imagenet_r.yaml", tmp_path / "empty", offline=True)
