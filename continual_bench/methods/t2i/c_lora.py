@@ -1,0 +1,85 @@
+"""C-LoRA: continually self-regularized LoRA on the UNet's cross-attention key/value projections.
+
+Paper: Smith, Hsu, Zhang, Hua, Kira, Shen, Jin, "Continual Diffusion: Continual Customization of
+Text-to-Image Diffusion with C-LoRA", TMLR 2024 (arXiv 2304.06027), sec. 3.2, eq. 1-2.
+
+Equation: for every cross-attention projection W in {W_K, W_V} (``attn2.to_k``, ``attn2.to_v``), task t
+trains a new low-rank pair on top of the frozen sum of the past ones (eq. 1, as ``lora_sequential``),
+
+    W_t = W_init + sum_{t'<t} A_t' B_t' + A_t B_t,
+    L   = L_diffusion + lambda * sum_W || |sum_{t'<t} A_t' B_t'| ⊙ (A_t B_t) ||_F^2          (eq. 2)
+
+|.| element-wise absolute value, ⊙ element-wise product. Every "A B" is a whole *product* as peft applies
+it, ``scaling * lora_B @ lora_A`` (shape of W): the past products are summed first and the absolute value
+taken of the sum (summing the A's and the B's separately and multiplying is a known third-party bug).
+Task 1 has no past, so no penalty. The penalty discourages writing where earlier tasks already wrote.
+Customized tokens follow sec. 3.3: a new, randomly initialised embedding per concept, trained with the
+LoRA, and the prompt "a photo of <vK>" has no class word (all of this inherited from ``lora_sequential``).
+
+lambda: the paper uses 1e8 on Stable Diffusion. The penalty is fourth order in the weight updates, so
+its scale depends on the model's weight scale and the LoRA rank; the toy default 1e3 is PROVISIONAL
+(the classification track's toy calibration value), to be chosen on a grid for the toy backbone.
+The raw penalty is logged as ``penalty`` in the loss dict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..base import Task
+from ..registry import register
+from .lora_sequential import LoRASequential, LoRASettings, lora_delta, lora_pairs
+
+
+@dataclass
+class CLoRASettings(LoRASettings):
+    lam: float = 1.0e3  # PROVISIONAL toy value (paper profile: 1e8, C-LoRA paper); to be picked on a grid
+
+
+def c_lora_penalty(past_sum: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """|| |past_sum| ⊙ delta ||_F^2 for one projection (past_sum = sum of past products, delta = A_t B_t)."""
+    return ((past_sum.abs() * delta) ** 2).sum()
+
+
+def past_products(past: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Module name -> sum over finished tasks of their products ``scaling * B @ A`` (not of the factors)."""
+    out: dict[str, torch.Tensor] = {}
+    for entry in past:
+        for key in [k for k in entry if k.endswith(".A")]:
+            module = key[: -len(".A")]
+            d = lora_delta(entry[key], entry[module + ".B"], entry[module + ".scaling"].item())
+            out[module] = out[module] + d if module in out else d.clone()
+    return out
+
+
+@register("t2i", "c_lora")
+class CLoRA(LoRASequential):
+    """C-LoRA (Smith et al., TMLR 2024, arXiv 2304.06027, eq. 1-2).
+
+    W_t = W_init + sum_{t'<t} A_t' B_t' + A_t B_t on cross-attention K/V, and
+    L = L_diffusion + lambda * sum_W || |sum_{t'<t} A_t' B_t'| ⊙ (A_t B_t) ||_F^2.
+    """
+
+    paper = "Smith et al., Continual Diffusion (C-LoRA), TMLR 2024, arXiv:2304.06027"
+    Settings = CLoRASettings
+
+    def begin_task(self, task: Task) -> None:
+        super().begin_task(task)
+        device = self.model.unet.device
+        self.past_sum = {n: d.to(device).detach() for n, d in past_products(self.past).items()}
+
+    def penalty(self) -> torch.Tensor:
+        """sum over the adapted projections of || |sum_{t'<t} A_t' B_t'| ⊙ (A_t B_t) ||_F^2."""
+        total = torch.zeros((), device=self.model.unet.device)
+        for name, (a, b, scaling) in lora_pairs(self.model.unet).items():
+            if name in self.past_sum:
+                total = total + c_lora_penalty(self.past_sum[name], lora_delta(a, b, scaling))
+        return total
+
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        out = super().loss(batch)
+        if self.past_sum and self.settings.lam > 0:
+            out["penalty"] = self.penalty()
+            out["loss"] = out["loss"] + self.settings.lam * out["penalty"]
+        return out
