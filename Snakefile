@@ -1,7 +1,8 @@
 # continual-bench: the whole benchmark as one DAG.
 #   snakemake --cores all                                   # the default toy run (config/config.yaml)
 #   snakemake --cores all --config 'n_tasks=[5,10,20]'      # override any key
-#   snakemake --cores all --configfile config/paper.yaml --use-conda --profile profiles/default
+#   snakemake --cores all --configfile config/paper.yaml --use-conda --profile profiles/default   # real data, GPUs
+#   snakemake --configfile config/paper.yaml --use-conda --profile profiles/slurm                # on SLURM
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -24,6 +25,7 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/toy.smk"
+include: "workflow/rules/fetch.smk"
 include: "workflow/rules/t2i.smk"
 include: "workflow/rules/cls.smk"
 include: "workflow/rules/report.smk"

@@ -24,6 +24,8 @@ BENCHMARKS = {b.name: b for b in [
     Benchmark("toy_faces", "t2i", "toy", "person", mirrors="celeba_hq", has_oracle=True),
     Benchmark("toy_landmarks", "t2i", "toy", "waterfall", mirrors="gldv2_waterfalls", has_oracle=True),
     Benchmark("toy_imagenet_r", "cls", "toy", mirrors="imagenet_r"),
+    Benchmark("celeba_hq", "t2i", "paper", "person"),
+    Benchmark("gldv2_waterfalls", "t2i", "paper", "waterfall"),
     Benchmark("imagenet_r", "cls", "paper"),
 ]}
 

@@ -1,6 +1,7 @@
 # Class-incremental classification (CODA-Prompt protocol): data -> backbone -> train + evaluate each run.
 # toy world: toy_imagenet_r generated here + a tiny ViT pretrained here on its photo rendition;
-# paper profile: ImageNet-R (images + CODA-P split files, fetched by other rules) + ViT-B/16 safetensors.
+# paper profile: ImageNet-R (images + CODA-P split files) and ViT-B/16 safetensors, fetched and prepared by
+# the rules in fetch.smk.
 # Runs write metrics.csv (same long format as t2i, so the tables rule summarizes both tracks),
 # acc_matrix.csv, R.csv (the same matrix in the t2i R format, for the figures) and train.json;
 # checkpoints live next to them, undeclared, so a killed job resumes.
@@ -45,24 +46,6 @@ rule toy_vit:
         "--steps {params.cfg[vit_steps]} --batch-size {params.cfg[vit_batch_size]} --lr {params.cfg[vit_lr]} "
         "--patch-size {params.cfg[vit_patch_size]} --embed-dim {params.cfg[vit_embed_dim]} "
         "--depth {params.cfg[vit_depth]} --heads {params.cfg[vit_heads]} 2> {log}"
-
-
-rule prepare_imagenet_r:
-    input:
-        images=config["cls_paper"]["imagenet_r_images"],
-        train=f"{config['cls_paper']['imagenet_r_splits']}/imagenet-r_train.yaml",
-        test=f"{config['cls_paper']['imagenet_r_splits']}/imagenet-r_test.yaml",
-    output:
-        "data/paper/imagenet_r/manifest.csv",
-    log:
-        "logs/paper/prepare_imagenet_r.log",
-    params:
-        out=lambda w, output: Path(output[0]).parent,
-        splits=lambda w, input: Path(input.train).parent,
-    conda:
-        CONDA_ENV
-    shell:
-        "continual-bench prepare-imagenet-r --images {input.images} --splits {params.splits} --out {params.out} 2> {log}"
 
 
 rule train_cls:

@@ -22,25 +22,84 @@ shell.executable("bash")
 _CLI = (f'continual-bench() {{ PYTHONPATH="{workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}}" '
         f'"{_PY}" -m continual_bench "$@"; }}; ')
 _CLI = _CLI.replace("{", "{{").replace("}", "}}")  # Snakemake formats the prefix like the command
-shell.prefix(f"set -euo pipefail; {_CLI}")
+
+
+def _gpu_slots():
+    """The `gpu` resource given to Snakemake (--resources gpu=N, profiles/default), if any."""
+    try:
+        res = workflow.global_resources["gpu"]
+    except (KeyError, TypeError):
+        return None
+    value = getattr(res, "value", res)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+# With --resources gpu=N, every GPU job takes one of N slots and sees only that GPU (continual_bench/gpu_slots.py):
+# Snakemake limits how many GPU jobs run but never sets CUDA_VISIBLE_DEVICES.
+_GPU_ENV = (f"export CONTINUAL_BENCH_GPU_SLOTS={_gpu_slots()} "
+            f"CONTINUAL_BENCH_GPU_LOCKS={os.path.join(workflow.basedir, '.snakemake', 'gpu-slots')}; "
+            if _gpu_slots() else "")
+shell.prefix(f"set -euo pipefail; {_GPU_ENV}{_CLI}")
 CONDA_ENV = "../envs/continual-bench.yaml"
 TOY = "resources/toy"
 
 
-def t2i_backbone():
-    return f"{TOY}/sd-tiny" if config["world"] == "toy" else "resources/models/stable-diffusion"
+# ---- the paper profile's real benchmarks and models (rules in fetch.smk); toy benchmarks keep the toy paths
+PAPER = config["paper"]
+PAPER_T2I = ("celeba_hq", "gldv2_waterfalls")
+PAPER_CLS = ("imagenet_r",)
+PAPER_DATASETS = PAPER_T2I + PAPER_CLS
+PAPER_RES = PAPER["resources_dir"]
+PAPER_RAW = PAPER["raw_dir"]
+PAPER_MODELS = ("stable_diffusion", "clip_vit_b_32", "inception_kid", "vit_b_16")
 
 
-def judge_dir():
-    return f"{TOY}/judge" if config["world"] == "toy" else "resources/models/clip-vit-b-32"
+def is_paper(benchmark):
+    return benchmark in PAPER_DATASETS
+
+
+def _paper(w):
+    """A rule's wildcards name a paper benchmark; without wildcards: the configured world."""
+    return is_paper(w.benchmark) if w is not None and hasattr(w, "benchmark") else config["world"] == "paper"
+
+
+def paper_manifest(name):
+    """A manifest file; a relative paper.manifests_dir is the repository's (data_manifests/)."""
+    return os.path.join(workflow.basedir, PAPER["manifests_dir"], f"{name}.yaml")
+
+
+def paper_fetch_flags():
+    """--offline / --base-url for the fetch commands (paper.offline, paper.base_url)."""
+    flags = "--offline" if PAPER["offline"] else ""
+    return flags + (f" --base-url {PAPER['base_url']}" if PAPER["base_url"] else "")
+
+
+def t2i_backbone(w=None):
+    if not _paper(w):
+        return f"{TOY}/sd-tiny"
+    return PAPER["t2i_backbone"] or f"{PAPER_RES}/stable_diffusion"
+
+
+def judge_dir(w=None):
+    if not _paper(w):
+        return f"{TOY}/judge"
+    return PAPER["judge"] or f"{PAPER_RES}/judge"
+
+
+def judge_input(w):
+    if _paper(w) and not PAPER["judge"]:
+        return f"{PAPER_RES}/judge/judge.json"
+    return f"{judge_dir(w)}/open_clip_config.json"
 
 
 def data_dir(benchmark):
-    return f"data/{config['world']}/{benchmark}"
+    return f"data/paper/{benchmark}" if is_paper(benchmark) else f"data/toy/{benchmark}"
 
 
 def method_settings(w):
-    return json.dumps(config["method_settings"].get(w.method, {}), sort_keys=True)
+    """method_settings.<method>, then benchmark_settings.<benchmark> (which wins)."""
+    settings = {**config["method_settings"].get(w.method, {}), **config["benchmark_settings"].get(w.benchmark, {})}
+    return json.dumps(settings, sort_keys=True)
 
 
 def eval_settings():
@@ -73,11 +132,14 @@ def toy_dirs(input_files):
 
 
 def backbone_input(w):
-    return f"{t2i_backbone()}/model_index.json"
+    if _paper(w) and not PAPER["t2i_backbone"]:
+        return f"{PAPER_RES}/stable_diffusion/fetched.json"
+    return f"{t2i_backbone(w)}/model_index.json"
 
 
 def oracle_input(w):
-    return f"{TOY}/oracle/{w.benchmark}/oracle.json" if config["world"] == "toy" else []
+    """Only the toy world has an oracle (it knows the concepts it drew)."""
+    return [] if is_paper(w.benchmark) else f"{TOY}/oracle/{w.benchmark}/oracle.json"
 
 
 # ---- classification track (rules in cls.smk)
@@ -95,11 +157,14 @@ def cls_data_dir(benchmark):
 
 
 def cls_backbone(w):
-    return TOY_VIT if cls_is_toy(w.benchmark) else config["cls_paper"]["backbone"]
+    """toy: the toy ViT; paper: cls_paper.backbone, or the fetched timm ViT-B/16 (models.yaml: vit_b_16)."""
+    return TOY_VIT if cls_is_toy(w.benchmark) else config["cls_paper"]["backbone"] or f"{PAPER_RES}/vit_b_16"
 
 
 def cls_backbone_input(w):
-    return f"{TOY_VIT}/vit_config.json" if cls_is_toy(w.benchmark) else config["cls_paper"]["backbone"]
+    if cls_is_toy(w.benchmark):
+        return f"{TOY_VIT}/vit_config.json"
+    return config["cls_paper"]["backbone"] or f"{PAPER_RES}/vit_b_16/fetched.json"
 
 
 def cls_settings(w):

@@ -12,7 +12,7 @@ rule train:
     log:
         f"{RUN_DIR}/logs/train.log",
     params:
-        backbone=lambda w: t2i_backbone(),
+        backbone=lambda w: t2i_backbone(w),
         data=lambda w: data_dir(w.benchmark),
         settings=method_settings,
         ckpt=lambda w, output: Path(output[0]).with_name("checkpoints"),
@@ -40,7 +40,7 @@ rule generate:
     log:
         f"{RUN_DIR}/logs/generate.log",
     params:
-        backbone=lambda w: t2i_backbone(),
+        backbone=lambda w: t2i_backbone(w),
         data=lambda w: data_dir(w.benchmark),
         settings=method_settings,
         ckpt=lambda w, output: Path(output[0]).with_name("checkpoints"),
@@ -65,7 +65,7 @@ rule evaluate:
     input:
         train=rules.train.output,
         samples=rules.generate.output,
-        judge=lambda w: f"{judge_dir()}/open_clip_config.json",
+        judge=judge_input,
         oracle=oracle_input,
     output:
         metrics=f"{RUN_DIR}/metrics.csv",
@@ -77,7 +77,7 @@ rule evaluate:
         f"{RUN_DIR}/logs/evaluate.log",
     params:
         data=lambda w: data_dir(w.benchmark),
-        judge=lambda w: judge_dir(),
+        judge=lambda w: judge_dir(w),
         oracle=lambda w, input: f"--oracle {Path(input.oracle).parent}" if input.oracle else "",
         ev=eval_settings(),
     threads: config["threads_per_run"]

@@ -1,0 +1,160 @@
+# The paper profile's real data and pretrained models: fetched once, verified, prepared into the toy world's
+# layout (data/paper/<benchmark>/manifest.csv + a folder per concept + world.json) and into local model
+# folders (<paper.resources_dir>/<model>/); every later job loads them from disk. Sources, checksums and
+# selection rules: data_manifests/*.yaml and models.yaml. paper.offline: the fetch jobs download nothing,
+# verify what is present and name what is missing. Each job writes its marker file last.
+
+
+rule fetch_dataset:
+    input:
+        manifest=lambda w: paper_manifest(w.dataset),
+    output:
+        f"{PAPER_RAW}/{{dataset}}/fetched.json",
+    log:
+        "logs/paper/fetch_{dataset}.log",
+    params:
+        out=lambda w, output: Path(output[0]).parent,
+        # Celeb-A HQ is a manual download: its files are taken from <paper.manual_dir>/celeba_hq/
+        manual=lambda w: f"--manual-dir {PAPER['manual_dir']}/{w.dataset}" if w.dataset == "celeba_hq" else "",
+        flags=paper_fetch_flags(),
+    wildcard_constraints:
+        dataset="|".join(PAPER_DATASETS),
+    retries: 1
+    conda:
+        CONDA_ENV
+    shell:
+        "continual-bench fetch --manifest {input.manifest} --out {params.out} {params.manual} {params.flags} 2> {log}"
+
+
+rule prepare_celeba_hq:
+    input:
+        fetched=f"{PAPER_RAW}/celeba_hq/fetched.json",
+        manifest=paper_manifest("celeba_hq"),
+    output:
+        "data/paper/celeba_hq/manifest.csv",
+    log:
+        "logs/paper/prepare_celeba_hq.log",
+    params:
+        raw=lambda w, input: Path(input.fetched).parent,
+        out=lambda w, output: Path(output[0]).parent,
+        seed=PAPER["data_seed"],
+        settings=json.dumps(PAPER["celeba_hq"], sort_keys=True),
+    conda:
+        CONDA_ENV
+    shell:
+        "continual-bench prepare-celeba-hq --raw {params.raw} --out {params.out} --data-seed {params.seed} "
+        "--settings {params.settings:q} --manifest {input.manifest} 2> {log}"
+
+
+rule select_gldv2_waterfalls:
+    input:
+        fetched=f"{PAPER_RAW}/gldv2_waterfalls/fetched.json",
+        manifest=paper_manifest("gldv2_waterfalls"),
+    output:
+        f"{PAPER_RAW}/gldv2_waterfalls/selection.csv",
+    log:
+        "logs/paper/select_gldv2_waterfalls.log",
+    params:
+        raw=lambda w, input: Path(input.fetched).parent,
+        seed=PAPER["data_seed"],
+        settings=json.dumps(PAPER["gldv2_waterfalls"], sort_keys=True),
+    conda:
+        CONDA_ENV
+    shell:
+        "continual-bench select-gldv2-waterfalls --raw {params.raw} --out {output} --data-seed {params.seed} "
+        "--settings {params.settings:q} --manifest {input.manifest} 2> {log}"
+
+
+rule fetch_gldv2_images:
+    input:
+        selection=f"{PAPER_RAW}/gldv2_waterfalls/selection.csv",
+        manifest=paper_manifest("gldv2_waterfalls"),
+    output:
+        f"{PAPER_RAW}/gldv2_waterfalls/fetched_images.csv",
+    log:
+        "logs/paper/fetch_gldv2_images.log",
+    params:
+        raw=lambda w, input: Path(input.selection).parent,
+        settings=json.dumps(PAPER["gldv2_waterfalls"], sort_keys=True),
+        flags=paper_fetch_flags(),
+    retries: 2  # images already verified are skipped: a retry resumes
+    conda:
+        CONDA_ENV
+    shell:
+        "continual-bench fetch-gldv2-images --raw {params.raw} --selection {input.selection} --out {output} "
+        "--settings {params.settings:q} --manifest {input.manifest} {params.flags} 2> {log}"
+
+
+rule prepare_gldv2_waterfalls:
+    input:
+        fetched=f"{PAPER_RAW}/gldv2_waterfalls/fetched_images.csv",
+        manifest=paper_manifest("gldv2_waterfalls"),
+    output:
+        "data/paper/gldv2_waterfalls/manifest.csv",
+    log:
+        "logs/paper/prepare_gldv2_waterfalls.log",
+    params:
+        raw=lambda w, input: Path(input.fetched).parent,
+        out=lambda w, output: Path(output[0]).parent,
+        seed=PAPER["data_seed"],
+        settings=json.dumps(PAPER["gldv2_waterfalls"], sort_keys=True),
+    conda:
+        CONDA_ENV
+    shell:
+        "continual-bench prepare-gldv2-waterfalls --raw {params.raw} --fetched {input.fetched} --out {params.out} "
+        "--data-seed {params.seed} --settings {params.settings:q} --manifest {input.manifest} 2> {log}"
+
+
+rule prepare_imagenet_r:
+    input:
+        fetched=f"{PAPER_RAW}/imagenet_r/fetched.json",
+        manifest=paper_manifest("imagenet_r"),
+    output:
+        "data/paper/imagenet_r/manifest.csv",
+    log:
+        "logs/paper/prepare_imagenet_r.log",
+    params:
+        raw=lambda w, input: Path(input.fetched).parent,
+        out=lambda w, output: Path(output[0]).parent,
+    conda:
+        CONDA_ENV
+    shell:
+        "continual-bench prepare-imagenet-r-fetched --raw {params.raw} --out {params.out} "
+        "--manifest {input.manifest} 2> {log}"
+
+
+rule fetch_model:
+    input:
+        models=paper_manifest("models"),
+    output:
+        f"{PAPER_RES}/{{model}}/fetched.json",
+    log:
+        "logs/paper/fetch_model_{model}.log",
+    params:
+        flags=paper_fetch_flags(),
+    wildcard_constraints:
+        model="|".join(PAPER_MODELS),
+    retries: 1
+    conda:
+        CONDA_ENV
+    shell:
+        "continual-bench fetch-models --resources {PAPER_RES} --model {wildcards.model} "
+        "--models-file {input.models} {params.flags} 2> {log}"
+
+
+rule paper_judge:
+    input:
+        clip=f"{PAPER_RES}/clip_vit_b_32/fetched.json",
+        inception=f"{PAPER_RES}/inception_kid/fetched.json",
+    output:
+        f"{PAPER_RES}/judge/judge.json",
+    log:
+        "logs/paper/judge.log",
+    params:
+        clip=lambda w, input: Path(input.clip).parent,
+        inception=lambda w, input: Path(input.inception).parent,
+        out=lambda w, output: Path(output[0]).parent,
+    conda:
+        CONDA_ENV
+    shell:
+        "continual-bench build-paper-judge --clip {params.clip} --inception {params.inception} --out {params.out} 2> {log}"
