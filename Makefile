@@ -27,7 +27,7 @@ demo: env
 	snakemake --cores $(CORES)
 
 test: env
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 dry-run: env
 	snakemake -n --cores $(CORES)
