@@ -265,3 +265,78 @@ def test_fetch_and_prepare_fakes_give_the_toy_layout(fakes, tmp_path, tiny_world
     # offline with nothing fetched: the first missing file is named
     with pytest.raises(UserError, match=r"imagenet-r.tar: missing, and offline is set"):
         fetch_dataset(man / "imagenet_r.yaml", tmp_path / "empty", offline=True)
+
+
+# --------------------------------------------------------------------------------------- planning (dry runs)
+EXPECTED_JOBS = {"fetch_dataset": 3, "fetch_model": 4, "paper_judge": 1, "prepare_celeba_hq": 1,
+                 "select_gldv2_waterfalls": 1, "fetch_gldv2_images": 1, "prepare_gldv2_waterfalls": 1,
+                 "prepare_imagenet_r": 1, "train": 2 * 12 * 3, "generate": 2 * 12 * 3, "evaluate": 2 * 12 * 3,
+                 "train_cls": 9 * 3 * 3, "tables": 1}
+
+
+def test_paper_config_names_every_method_and_valid_settings():
+    import dataclasses
+
+    from continual_bench.methods.base import build_settings
+    from continual_bench.methods.registry import get_method
+
+    cfg = yaml.safe_load(PAPER.read_text())
+    assert cfg["methods"] == T2I_METHODS and cfg["cls_methods"] == CLS_METHODS
+    assert cfg["seeds"] == [0, 1, 2] and cfg["cls_seeds"] == [0, 1, 2] and cfg["cls_n_tasks"] == [5, 10, 20]
+    assert set(cfg["benchmarks"]) == {"celeba_hq", "gldv2_waterfalls"} and cfg["cls_benchmarks"] == ["imagenet_r"]
+    checked = 0
+    for track, table, extra in (("t2i", "method_settings", cfg["benchmark_settings"]["celeba_hq"]),
+                                ("cls", "cls_method_settings", cfg["cls_train"])):
+        for name, settings in cfg[table].items():
+            try:
+                method = get_method(track, name)
+            except Exception:  # a method not registered in this checkout: nothing to check against
+                continue
+            built = build_settings(method.Settings, {**extra, **settings}, f"{table}.{name}")
+            assert dataclasses.asdict(built).items() >= {**extra, **settings}.items()
+            checked += 1
+    assert checked >= 10
+
+
+def test_paper_dag_plans_every_job(tmp_path):
+    res = snakemake(tmp_path, "-n", "--cores", "8", "--quiet", "rules")
+    counts = rule_counts(res.stdout + res.stderr)
+    assert {k: counts.get(k) for k in EXPECTED_JOBS} == EXPECTED_JOBS
+
+
+def test_paper_dag_on_slurm_sets_gpu_resources(tmp_path):
+    try:
+        import snakemake_executor_plugin_slurm  # noqa: F401
+    except ImportError:
+        pytest.skip("snakemake-executor-plugin-slurm is not installed: Snakemake needs the executor plugin even "
+                    "for a dry run of --profile profiles/slurm (pip install snakemake-executor-plugin-slurm)")
+    res = snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles" / "slurm"))
+    out = res.stdout + res.stderr
+    jobs = re.split(r"\n(?=(?:local)?rule \w+:)", out)
+    for rule in ("train", "generate", "train_cls"):
+        blocks = [b for b in jobs if re.match(rf"(?:local)?rule {rule}:", b)]
+        assert len(blocks) == EXPECTED_JOBS[rule]
+        assert all(re.search(r"resources: .*\bgpu=1\b", b) and "slurm_partition=" in b and "runtime=" in b
+                   for b in blocks), blocks[0]
+    assert not any(re.search(r"\bgpu=1\b", b) for b in jobs if re.match(r"(?:local)?rule (fetch_\w+|prepare_\w+):", b))
+
+
+def test_gpu_slots_pin_one_gpu_per_process(monkeypatch, tmp_path):
+    from continual_bench import gpu_slots
+
+    monkeypatch.setenv("CONTINUAL_BENCH_GPU_LOCKS", str(tmp_path))
+    monkeypatch.setenv("CONTINUAL_BENCH_GPU_SLOTS", "2")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    try:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+        assert gpu_slots.acquire_gpu_slot() == "4"
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # a second job: slot 0 is held
+        assert gpu_slots.acquire_gpu_slot() == "6" and os.environ["CUDA_VISIBLE_DEVICES"] == "6"
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+        with pytest.raises(TimeoutError):
+            gpu_slots.acquire_gpu_slot(poll=0.01, timeout=0.05)
+        monkeypatch.setenv("SLURM_JOB_ID", "1")  # SLURM isolates GPUs itself
+        assert gpu_slots.acquire_gpu_slot() is None
+    finally:
+        while gpu_slots._HELD:
+            gpu_slots._HELD.pop().close()

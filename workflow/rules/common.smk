@@ -1,5 +1,6 @@
 # Paths and helpers shared by the rule files. Logic lives in the continual_bench package; this only
 # maps config values to file names.
+import glob
 import json
 import os
 import sys
@@ -24,21 +25,35 @@ _CLI = (f'continual-bench() {{ PYTHONPATH="{workflow.basedir}${{PYTHONPATH:+:$PY
 _CLI = _CLI.replace("{", "{{").replace("}", "}}")  # Snakemake formats the prefix like the command
 
 
+def _machine_gpus():
+    """GPUs this process may use: CUDA_VISIBLE_DEVICES if set, else the /dev/nvidia<N> devices."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    return len(glob.glob("/dev/nvidia[0-9]*"))
+
+
 def _gpu_slots():
-    """The `gpu` resource given to Snakemake (--resources gpu=N, profiles/default), if any."""
+    """The `gpu` resource of this run: --resources gpu=N when given (profiles/slurm gives one, so a login node's
+    GPUs are never counted); otherwise this machine's GPU count, registered as the limit; None without GPUs."""
     try:
         res = workflow.global_resources["gpu"]
+        value = getattr(res, "value", res)
+        return value if isinstance(value, int) and value > 0 else None
     except (KeyError, TypeError):
+        pass
+    if not workflow.local_exec or workflow.remote_exec or os.environ.get("SLURM_JOB_ID"):
         return None
-    value = getattr(res, "value", res)
-    return value if isinstance(value, int) and value > 0 else None
+    n = _machine_gpus()
+    if n:
+        workflow.register_resource("gpu", n)
+    return n or None
 
 
-# With --resources gpu=N, every GPU job takes one of N slots and sees only that GPU (continual_bench/gpu_slots.py):
-# Snakemake limits how many GPU jobs run but never sets CUDA_VISIBLE_DEVICES.
-_GPU_ENV = (f"export CONTINUAL_BENCH_GPU_SLOTS={_gpu_slots()} "
-            f"CONTINUAL_BENCH_GPU_LOCKS={os.path.join(workflow.basedir, '.snakemake', 'gpu-slots')}; "
-            if _gpu_slots() else "")
+# Snakemake limits how many GPU jobs run but never says which GPU a job gets (it never sets
+# CUDA_VISIBLE_DEVICES): with N GPU slots every GPU job takes one and sees only that GPU (continual_bench/gpu_slots.py).
+_GPU_SLOTS = _gpu_slots()
+_GPU_ENV = f"export CONTINUAL_BENCH_GPU_SLOTS={_GPU_SLOTS}; " if _GPU_SLOTS else ""
 shell.prefix(f"set -euo pipefail; {_GPU_ENV}{_CLI}")
 CONDA_ENV = "../envs/continual-bench.yaml"
 TOY = "resources/toy"
