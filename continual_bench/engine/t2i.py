@@ -56,14 +56,27 @@ def task_sequence(ds: PreparedDataset, n_tasks: int, seed: int) -> list[str]:
     return [concepts[i] for i in rng.permutation(len(concepts))[:n_tasks]]
 
 
+GENERIC = "generic"  # the dataset's concept name for images of the class without any concept
+
+
+def class_captions(ds: PreparedDataset) -> list[str]:
+    """The distinct captions of the dataset's generic-class images, in manifest order (text only)."""
+    seen: dict[str, None] = {}
+    for r in ds.records():
+        if r.concept == GENERIC and r.caption:
+            seen.setdefault(r.caption)
+    return list(seen)
+
+
 def make_tasks(ds: PreparedDataset, sequence: list[str], class_word: str, prompt_template: str,
                with_images: bool = False) -> list[Task]:
     tasks: list[Task] = []
+    captions = class_captions(ds)
     for i, concept in enumerate(sequence, start=1):
         token = f"<v{i}>"
         images = ds.images(concept=concept, split="train") if with_images else torch.empty(0)
         tasks.append(Task(index=i, concept=concept, token=token, prompt=prompt_template.format(token=token),
-                          images=images, class_word=class_word, past=list(tasks)))
+                          images=images, class_word=class_word, past=list(tasks), class_captions=captions))
     return tasks
 
 
@@ -126,9 +139,14 @@ def train_one_task(method: T2IMethod, task: Task, seed: int) -> dict:
     seed_everything(stable_seed("train", seed, task.index))
     g = torch.Generator().manual_seed(stable_seed("batches", seed, task.index))
     method.begin_task(task)
-    images = task.images
+    images, prompts = method.training_data(task)
+    if len(prompts) != len(images) or not len(images):
+        raise ValueError(f"method {method.name}: training_data gave {len(images)} images and {len(prompts)} prompts "
+                         f"for task {task.index}; expected the same number, at least one")
+    prompts = list(prompts)
     if s.flip:
         images = torch.cat([images, images.flip(-1)])
+        prompts = prompts + prompts
     mean, std = model.latent_dist(images)  # the VAE is frozen: encode each image once
     groups = method.param_groups()
     params = [p for grp in groups for p in grp["params"]]
@@ -144,7 +162,7 @@ def train_one_task(method: T2IMethod, task: Task, seed: int) -> dict:
         for _ in range(s.grad_accum):
             idx = torch.randint(0, len(images), (s.batch_size,), generator=g)
             batch = {"latents": model.sample_latents(mean[idx], std[idx], g), "images": images[idx],
-                     "prompts": [method.prompt(task)] * s.batch_size, "generator": g, "task": task, "step": step}
+                     "prompts": [prompts[i] for i in idx.tolist()], "generator": g, "task": task, "step": step}
             with amp():
                 out = method.loss(batch)
             loss = out["loss"] / s.grad_accum
@@ -195,9 +213,16 @@ def train_sequence(spec: RunSpec, ckpt_root: str | Path) -> list[dict]:
         if t > 1:
             log.info("task %d: resuming from the checkpoint of task %d", t, t - 1)
         method = spec.restore(ckpt_dir, t - 1)
-        task.images = spec.ds.images(concept=task.concept, split="train", size=method.model.image_size)
-        meta = train_one_task(method, task, spec.seed)
-        task.images = torch.empty(0)
+        size = method.model.image_size
+        # past concepts' real images only for non-continual references (joint); continual methods never see them
+        given = [task, *task.past] if method.uses_past_data else [task]
+        try:
+            for tk in given:
+                tk.images = spec.ds.images(concept=tk.concept, split="train", size=size)
+            meta = train_one_task(method, task, spec.seed)
+        finally:
+            for tk in given:
+                tk.images = torch.empty(0)
         log.info("task %d (%s): loss %.4f -> %.4f in %.1fs", t, task.concept, meta["loss_first"], meta["loss_last"],
                  meta["seconds"])
         _save_checkpoint(ckpt_dir, t, method, meta)

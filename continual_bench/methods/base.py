@@ -7,12 +7,19 @@ to an uninterrupted one):
     method = Method(model, settings, seed)      # the backbone as loaded from disk
     method.load_state(state_after_t-1, t-1)     # skipped for t = 1
     method.begin_task(task)                     # add the concept token, add adapters, snapshot a teacher...
+    images, prompts = method.training_data(task)  # default: the task's images, each with method.prompt(task)
     for step: loss = method.loss(batch)         # shared diffusion loss + the method's own term
               optimizer over method.param_groups()
     method.end_task(task)                       # freeze, merge, compute a Fisher...
     state = method.state_dict()                 # everything needed to rebuild the model after task t
 
 and for evaluation ``method.prompt(k)`` and ``method.generate(...)``.
+
+Past data: a continual method never sees earlier tasks' images (``task.past[i].images`` is empty). A
+non-continual reference method (the ``joint`` upper bound) sets the class attribute ``uses_past_data =
+True``; the engine then loads every past concept's real training images into ``task.past[i].images``
+before ``begin_task`` and empties them after the task. ``training_data`` lets a method train on more than
+the task's own images (past images, replayed samples), with one prompt per image.
 Hyper-parameters are a dataclass ``Settings`` (defaults = toy profile); the config's
 ``method_settings.<name>`` overrides its fields; an unknown key is an error naming it.
 """
@@ -51,7 +58,20 @@ class Task:
     prompt: str  # training/evaluation prompt, e.g. "a photo of <v3>"
     images: torch.Tensor  # (N, 3, H, W) in [0, 1]
     class_word: str = ""  # "person", "waterfall": never in the prompt (C-LoRA sec. 3.3), used by some methods
-    past: list["Task"] = dataclasses.field(default_factory=list)  # earlier tasks (their images are NOT given)
+    past: list["Task"] = dataclasses.field(default_factory=list)  # earlier tasks (their images are NOT given,
+    # unless the method sets ``uses_past_data``)
+    class_captions: list[str] = dataclasses.field(default_factory=list)  # captions of the dataset's generic
+    # class images (no concept), e.g. regularization captions; text only, no images
+
+    @property
+    def generic_prompt(self) -> str:
+        """The relevant-concept prompt: the class word without any concept token ("a photo of a person")."""
+        return generic_prompt(self.class_word)
+
+
+def generic_prompt(class_word: str) -> str:
+    """LFS-Diffusion's relevant concept ("a photo of a cat"); the same text evaluation samples as ``generic``."""
+    return f"a photo of a {class_word}" if class_word else "a photo"
 
 
 def build_settings(cls_settings: type, overrides: dict | None, where: str):
@@ -86,6 +106,9 @@ class T2IMethod:
     track: ClassVar[str]
     paper: ClassVar[str] = ""
     Settings: ClassVar[type] = TrainSettings
+    #: True only for non-continual references (``joint``): the engine fills ``task.past[i].images`` with the
+    #: past concepts' real training images before ``begin_task``. Continual methods leave it False.
+    uses_past_data: ClassVar[bool] = False
 
     def __init__(self, model, settings, seed: int = 0):
         self.model = model
@@ -98,6 +121,15 @@ class T2IMethod:
         """Prepare the model for ``task`` (default: add its concept token, random-init)."""
         g = torch.Generator().manual_seed(self.seed * 1000 + task.index)
         self.model.add_concept_token(task.token, generator=g)
+
+    def training_data(self, task: Task) -> tuple[torch.Tensor, list[str]]:
+        """The images this task trains on, (N, 3, H, W) in [0, 1], and one prompt per image.
+
+        Called by the engine once per task, after :meth:`begin_task`; the engine adds flipped copies (same
+        prompts), caches their latents and draws each batch's images and prompts together. Default: the
+        task's own images, every one with ``self.prompt(task)``.
+        """
+        return task.images, [self.prompt(task)] * len(task.images)
 
     def param_groups(self) -> list[dict]:
         raise NotImplementedError
