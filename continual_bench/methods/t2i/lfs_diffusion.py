@@ -1,0 +1,253 @@
+"""LFS-Diffusion: data-free knowledge distillation on the teacher's trajectory, plus In-Context Generation.
+
+Paper: Song, Yang, Yang, Lin, "Towards Lifelong Few-Shot Customization of Text-to-Image Diffusion"
+(LFS-Diffusion; seed ``002`` of this project, REFERENCE.md sec. 1). Two kinds of forgetting: relevant
+concepts ("cat" collapses onto "V1 cat") and previous concepts (earlier V_i are lost).
+
+1. Data-free knowledge distillation (paper's L_KD, Fig. 4 and 5). The teacher f* is the model before the
+   session. A DDPM scheduler with ``kd_timesteps`` = 25 steps runs the teacher's reverse trajectory
+   z*_T -> ... -> z*_0 for prompts of the relevant concept (the class prompt "a photo of a person") and of
+   every previous concept; at each timestep t the SAME teacher latent z*_t is fed to teacher and student
+   and their model outputs are matched:
+
+       L = L_diffusion(D_i)  +  kd_weight * E_{p, t} || f_theta(z*_t, t, c_p) - f*(z*_t, t, c_p) ||^2 .
+
+   No stored image is used. The student never follows its own trajectory (the paper's Fig. 5: that
+   accumulates artifacts).
+   Implementation: the trajectories are run once per task, in ``begin_task``, before the new adapter is
+   added, so the model at that moment IS the teacher (the folded weights after session i-1); for every
+   visited (z*_t, t, p) the teacher's conditional output f*(z*_t, t, c_p) is cached with it. The teacher is
+   therefore never copied nor reloaded, and a training step costs one extra student forward on ``kd_batch``
+   cached samples. The trajectory itself uses classifier-free guidance ``kd_guidance`` (as sampling does);
+   the distillation target is the teacher's conditional output, what the student is trained to predict.
+   "Noise prediction" in the paper is the model output: epsilon for SD v1.x, the velocity v for the toy
+   backbone (v-prediction; matching v or epsilon differs only by a per-timestep factor).
+
+2. In-Context Generation (ICGen). The paper samples a vision context Z_0^{S_i} per session and conditions
+   generation on it at inference, without extra training; its exact mechanism has not been read here
+   (REFERENCE.md). This file's interpretation, stated: at the end of session i, ``icgen_n_context`` clean
+   latents Z_0 of concept i are sampled with the just-trained model and stored (no real image is stored);
+   at inference for concept i's prompt, sample j starts from its context Z_0^{(j mod n)} noised to strength
+   s (SDEdit: z_start = sqrt(alpha_bar_{t_s}) Z_0 + sqrt(1 - alpha_bar_{t_s}) eps, t_s the first of the last
+   round(s * steps) DDIM timesteps) and is denoised with the current model and the concept's prompt. The
+   context carries what concept i looked like right after its session into later sessions (against
+   previous-concept forgetting); s = 1 is plain generation. Prompts without a concept token (the generic
+   prompt) are generated plainly. ``lfs_diffusion_no_icgen`` is the same method with ICGen off, so the two
+   effects are measured separately.
+
+Adapter: the student is ``lora_sequential``'s (this class subclasses it): a fresh LoRA on the
+cross-attention K/V per session, folded afterwards, a new random token row. The paper builds on an
+existing customization method; which adapter it uses has not been read here. Sharing lora_sequential's
+makes the comparison with ``lora_sequential``, ``c_lora`` and ``generative_replay`` differ only in the
+forgetting counter-measure: same trainable parameters, learning rates, steps.
+Paper-profile values of kd_weight, the number of trajectories and ICGen's strength are not known here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...utils import stable_seed
+from ..base import Task
+from ..registry import register
+from .lora_sequential import LoRASequential, LoRASettings
+
+
+@dataclass
+class LFSSettings(LoRASettings):
+    kd_weight: float = 1.0  # weight of L_KD (paper profile: not known here)
+    kd_timesteps: int = 25  # DDPM steps of the teacher trajectory (paper: 25)
+    kd_n_traj: int = 4  # teacher trajectories per distillation prompt, cached at begin_task
+    kd_batch: int = 4  # cached (z*_t, t, prompt) samples per training step (one extra student forward)
+    kd_guidance: float = 5.0  # classifier-free guidance of the teacher trajectory (as evaluation sampling)
+    kd_relevant: bool = True  # distil on the relevant concept's prompt ("a photo of a person")
+    kd_previous: bool = True  # distil on every previous concept's prompt
+    icgen: bool = True  # In-Context Generation at inference
+    icgen_strength: float = 0.8  # SDEdit strength s from the stored context (1 = plain generation)
+    icgen_n_context: int = 4  # context latents stored per session
+    icgen_steps: int = 15  # DDIM steps to sample the contexts (toy evaluation's)
+
+
+# ------------------------------------------------------------------------------------------- sampling helpers
+def _uncond(model, n: int) -> torch.Tensor:
+    return model.encode_text([""]).expand(n, -1, -1)
+
+
+@torch.no_grad()
+def teacher_trajectories(model, prompts: list[str], n_traj: int, timesteps: int, guidance: float, seed: int,
+                         batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """The teacher's DDPM reverse trajectories, with every visited z*_t and its conditional output f*(z*_t, t, c).
+
+    Returns ``z`` (N, C, h, w), ``t`` (N,), ``prompt`` (N,) indices into ``prompts``, ``target`` (N, C, h, w)
+    and ``emb`` (P, L, d): N = len(prompts) x n_traj x timesteps.
+    """
+    from diffusers import DDPMScheduler
+
+    unet = model.unet
+    emb = model.encode_text(prompts)
+    which = torch.arange(len(prompts)).repeat_interleave(n_traj)
+    g = torch.Generator().manual_seed(seed)
+    zs, ts, ps, targets = [], [], [], []
+    for i in range(0, len(which), batch_size):
+        w = which[i:i + batch_size]
+        sched = DDPMScheduler.from_config(model.noise_scheduler.config)
+        sched.set_timesteps(timesteps)
+        shape = (len(w), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        z = torch.randn(shape, generator=g).to(model.device, unet.dtype)
+        cond, unc = emb[w.to(emb.device)], _uncond(model, len(w))
+        for t in sched.timesteps:
+            tt = torch.full((len(w),), int(t), device=model.device, dtype=torch.long)
+            out = unet(torch.cat([z, z]), tt.repeat(2), torch.cat([unc, cond])).sample
+            o_unc, o_cond = out.chunk(2)
+            zs.append(z.clone())
+            ts.append(tt.clone())
+            ps.append(w.clone())
+            targets.append(o_cond.clone())
+            guided = o_unc + guidance * (o_cond - o_unc) if guidance > 1 else o_cond
+            z = sched.step(guided, t, z, generator=g).prev_sample
+    return {"z": torch.cat(zs), "t": torch.cat(ts), "prompt": torch.cat(ps), "target": torch.cat(targets), "emb": emb}
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """|| f_theta(z*_t, t, c) - f*(z*_t, t, c) ||^2, averaged over elements (the diffusion loss's scale)."""
+    return F.mse_loss(student.float(), teacher.float())
+
+
+def sdedit_start(scheduler, context: torch.Tensor, noise: torch.Tensor, strength: float, steps: int):
+    """ICGen's start: (timesteps to run, initial latent). Strength s keeps the last round(s * steps) DDIM
+    timesteps and noises the context to the first of them; s >= 1 starts from the noise itself."""
+    scheduler.set_timesteps(steps)
+    n = min(max(int(round(strength * steps)), 1), steps)
+    timesteps = scheduler.timesteps[steps - n:]
+    if n == steps and strength >= 1:
+        return timesteps, noise
+    return timesteps, scheduler.add_noise(context, noise, timesteps[:1].repeat(len(noise)))
+
+
+@torch.no_grad()
+def ddim_sample(model, prompts: list[str], latents: torch.Tensor, timesteps, scheduler, guidance: float) -> torch.Tensor:
+    """The pipeline's denoising loop (classifier-free guidance with the empty prompt, DDIM) from ``latents``."""
+    cond, unc = model.encode_text(prompts), _uncond(model, len(prompts))
+    z = latents
+    for t in timesteps:
+        if guidance > 1:
+            o_unc, o_cond = model.unet(torch.cat([z, z]), t, torch.cat([unc, cond])).sample.chunk(2)
+            out = o_unc + guidance * (o_cond - o_unc)
+        else:
+            out = model.unet(z, t, cond).sample
+        z = scheduler.step(out, t, z).prev_sample
+    return z
+
+
+@torch.no_grad()
+def decode(model, latents: torch.Tensor) -> np.ndarray:
+    img = model.vae.decode(latents / model.vae.config.scaling_factor).sample
+    arr = (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    return (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------- the method
+@register("t2i", "lfs_diffusion")
+class LFSDiffusion(LoRASequential):
+    """LFS-Diffusion (Song et al.): data-free KD on the teacher's 25-step DDPM trajectory + In-Context Generation.
+
+    L = L_diff + kd_weight * ||f_theta(z*_t, t, c_p) - f*(z*_t, t, c_p)||^2, z*_t from the teacher (relevant and
+    previous concepts' prompts); ICGen: SDEdit from a stored context latent of the concept (interpretation).
+    """
+
+    paper = "Song et al., Towards Lifelong Few-Shot Customization of Text-to-Image Diffusion (LFS-Diffusion)"
+    Settings = LFSSettings
+
+    def kd_prompts(self, task: Task) -> list[str]:
+        s = self.settings
+        return ([task.generic_prompt] if s.kd_relevant else []) + ([self.prompt(p) for p in task.past] if s.kd_previous else [])
+
+    def begin_task(self, task: Task) -> None:
+        s = self.settings
+        prompts = self.kd_prompts(task)
+        self.cache = None
+        if prompts and s.kd_weight:  # the model is still the teacher: no new token, no new adapter yet
+            self.cache = teacher_trajectories(self.model, prompts, s.kd_n_traj, s.kd_timesteps, s.kd_guidance,
+                                              seed=stable_seed("lfs-teacher", self.seed, task.index))
+        super().begin_task(task)
+
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        out = super().loss(batch)
+        if self.cache is None:
+            return out
+        c = self.cache
+        idx = torch.randint(0, len(c["z"]), (self.settings.kd_batch,), generator=batch["generator"])
+        dev = c["z"].device
+        idx = idx.to(dev)
+        student = self.model.unet(c["z"][idx], c["t"][idx], c["emb"][c["prompt"][idx].to(c["emb"].device)]).sample
+        kd = kd_loss(student, c["target"][idx])
+        out["kd"] = kd.detach()
+        out["loss"] = out["loss"] + self.settings.kd_weight * kd
+        return out
+
+    def end_task(self, task: Task) -> None:
+        self.cache = None
+        super().end_task(task)
+        if self.settings.icgen:  # the session's vision context Z_0, sampled with the just-trained model
+            s = self.settings
+            from diffusers import DDIMScheduler
+
+            sched = DDIMScheduler.from_config(self.model.pipe.scheduler.config)
+            sched.set_timesteps(s.icgen_steps)
+            unet = self.model.unet
+            shape = (s.icgen_n_context, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+            g = torch.Generator().manual_seed(stable_seed("icgen-context", self.seed, task.index))
+            noise = torch.randn(shape, generator=g).to(self.model.device, unet.dtype)
+            ctx = ddim_sample(self.model, [self.prompt(task)] * len(noise), noise, sched.timesteps, sched, s.kd_guidance)
+            self.past[-1]["icgen_context"] = ctx.detach().float().cpu().contiguous()
+
+    # ------------------------------------------------------------------ inference
+    def context_of(self, prompt: str) -> torch.Tensor | None:
+        """The stored context of the (first) concept whose token is in ``prompt``; None without ICGen."""
+        if not self.settings.icgen:
+            return None
+        for tok, entry in zip(self.model.concept_tokens, self.past):
+            if tok in prompt and "icgen_context" in entry:
+                return entry["icgen_context"]
+        return None
+
+    def generate_prompt(self, prompt: str, n: int, *, seed: int, steps: int = 25, guidance: float = 5.0,
+                        batch_size: int = 64, **sample_kw) -> np.ndarray:
+        ctx = self.context_of(prompt)
+        if ctx is None or sample_kw.get("negative_prompt") or sample_kw.get("guidance_rescale"):
+            return super().generate_prompt(prompt, n, seed=seed, steps=steps, guidance=guidance,
+                                           batch_size=batch_size, **sample_kw)
+        from diffusers import DDIMScheduler
+
+        unet = self.model.unet
+        g = torch.Generator().manual_seed(seed)  # the same initial noise as plain generation (T2IModel.generate)
+        out = []
+        for i in range(0, n, batch_size):
+            m = min(batch_size, n - i)
+            shape = (m, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+            noise = torch.randn(shape, generator=g).to(self.model.device, unet.dtype)
+            context = ctx[torch.arange(i, i + m) % len(ctx)].to(noise)
+            sched = DDIMScheduler.from_config(self.model.pipe.scheduler.config)
+            timesteps, z = sdedit_start(sched, context, noise, self.settings.icgen_strength, steps)
+            out.append(decode(self.model, ddim_sample(self.model, [prompt] * m, z, timesteps, sched, guidance)))
+        return np.concatenate(out)
+
+
+@dataclass
+class LFSNoICGenSettings(LFSSettings):
+    icgen: bool = False  # the ablation: distillation only
+
+
+@register("t2i", "lfs_diffusion_no_icgen")
+class LFSDiffusionNoICGen(LFSDiffusion):
+    """LFS-Diffusion without In-Context Generation (Song et al.; ablation): data-free KD only.
+
+    L = L_diff + kd_weight * ||f_theta(z*_t, t, c_p) - f*(z*_t, t, c_p)||^2; plain sampling at inference.
+    """
+
+    paper = ("Song et al., Towards Lifelong Few-Shot Customization of Text-to-Image Diffusion (LFS-Diffusion) "
+             "- without ICGen")
+    Settings = LFSNoICGenSettings
