@@ -72,12 +72,13 @@ def merge_directions(c_reg: torch.Tensor, c: torch.Tensor, ridge: float = 0.0) -
     c_reg, c = c_reg.double(), c.double()
     g = c_reg.T @ c_reg
     if ridge:
-        g = g + ridge * torch.trace(g) / g.shape[0] * torch.eye(g.shape[0], dtype=g.dtype)
+        g = g + ridge * torch.trace(g) / g.shape[0] * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     d = torch.linalg.solve(g, c.T).T  # G symmetric: (G^-1 C^T)^T = C G^-1
     return d, torch.linalg.pinv(d @ c.T, hermitian=True)
 
 
-def apply_merge(w0: torch.Tensor, c: torch.Tensor, v: torch.Tensor, d: torch.Tensor, a_inv: torch.Tensor) -> torch.Tensor:
+def apply_merge(w0: torch.Tensor, c: torch.Tensor, v: torch.Tensor, d: torch.Tensor,
+                a_inv: torch.Tensor) -> torch.Tensor:
     """``W_hat = W0 + (V - W0 C^T) (d C^T)^-1 d`` (float64)."""
     w0 = w0.double()
     if not len(c):
@@ -125,7 +126,9 @@ def regularization_captions(task: Task, n: int) -> list[str]:
 
 
 def cross_attention_kv(unet) -> dict[str, torch.nn.Linear]:
-    return {n: m for n, m in unet.named_modules() if n.endswith(tuple(CROSS_ATTN_KV)) and isinstance(m, torch.nn.Linear)}
+    """Module name -> ``attn2.to_k`` / ``attn2.to_v`` linear layer (the cross-attention K/V projections)."""
+    return {n: m for n, m in unet.named_modules()
+            if n.endswith(tuple(CROSS_ATTN_KV)) and isinstance(m, torch.nn.Linear)}
 
 
 def _detach_first_token(module, inputs, output):

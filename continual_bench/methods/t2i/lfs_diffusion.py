@@ -82,7 +82,7 @@ def teacher_trajectories(model, prompts: list[str], n_traj: int, timesteps: int,
     """The teacher's DDPM reverse trajectories, with every visited z*_t and its conditional output f*(z*_t, t, c).
 
     Returns ``z`` (N, C, h, w), ``t`` (N,), ``prompt`` (N,) indices into ``prompts``, ``target`` (N, C, h, w)
-    and ``emb`` (P, L, d): N = len(prompts) x n_traj x timesteps.
+    and ``emb`` (P, L, d), all on the model's device: N = len(prompts) x n_traj x timesteps.
     """
     from diffusers import DDPMScheduler
 
@@ -104,7 +104,7 @@ def teacher_trajectories(model, prompts: list[str], n_traj: int, timesteps: int,
             o_unc, o_cond = out.chunk(2)
             zs.append(z.clone())
             ts.append(tt.clone())
-            ps.append(w.clone())
+            ps.append(w.to(model.device))
             targets.append(o_cond.clone())
             guided = o_unc + guidance * (o_cond - o_unc) if guidance > 1 else o_cond
             z = sched.step(guided, t, z, generator=g).prev_sample
@@ -128,7 +128,8 @@ def sdedit_start(scheduler, context: torch.Tensor, noise: torch.Tensor, strength
 
 
 @torch.no_grad()
-def ddim_sample(model, prompts: list[str], latents: torch.Tensor, timesteps, scheduler, guidance: float) -> torch.Tensor:
+def ddim_sample(model, prompts: list[str], latents: torch.Tensor, timesteps, scheduler,
+                guidance: float) -> torch.Tensor:
     """The pipeline's denoising loop (classifier-free guidance with the empty prompt, DDIM) from ``latents``."""
     cond, unc = model.encode_text(prompts), _uncond(model, len(prompts))
     z = latents
@@ -163,7 +164,9 @@ class LFSDiffusion(LoRASequential):
 
     def kd_prompts(self, task: Task) -> list[str]:
         s = self.settings
-        return ([task.generic_prompt] if s.kd_relevant else []) + ([self.prompt(p) for p in task.past] if s.kd_previous else [])
+        relevant = [task.generic_prompt] if s.kd_relevant else []
+        previous = [self.prompt(p) for p in task.past] if s.kd_previous else []
+        return relevant + previous
 
     def begin_task(self, task: Task) -> None:
         s = self.settings
@@ -179,10 +182,8 @@ class LFSDiffusion(LoRASequential):
         if self.cache is None:
             return out
         c = self.cache
-        idx = torch.randint(0, len(c["z"]), (self.settings.kd_batch,), generator=batch["generator"])
-        dev = c["z"].device
-        idx = idx.to(dev)
-        student = self.model.unet(c["z"][idx], c["t"][idx], c["emb"][c["prompt"][idx].to(c["emb"].device)]).sample
+        idx = torch.randint(0, len(c["z"]), (self.settings.kd_batch,), generator=batch["generator"]).to(c["z"].device)
+        student = self.model.unet(c["z"][idx], c["t"][idx], c["emb"][c["prompt"][idx]]).sample  # the teacher's z*_t
         kd = kd_loss(student, c["target"][idx])
         out["kd"] = kd.detach()
         out["loss"] = out["loss"] + self.settings.kd_weight * kd
@@ -201,7 +202,8 @@ class LFSDiffusion(LoRASequential):
             shape = (s.icgen_n_context, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
             g = torch.Generator().manual_seed(stable_seed("icgen-context", self.seed, task.index))
             noise = torch.randn(shape, generator=g).to(self.model.device, unet.dtype)
-            ctx = ddim_sample(self.model, [self.prompt(task)] * len(noise), noise, sched.timesteps, sched, s.kd_guidance)
+            prompts = [self.prompt(task)] * len(noise)
+            ctx = ddim_sample(self.model, prompts, noise, sched.timesteps, sched, s.kd_guidance)
             self.past[-1]["icgen_context"] = ctx.detach().float().cpu().contiguous()
 
     # ------------------------------------------------------------------ inference

@@ -62,7 +62,8 @@ class LoRAPerConcept(LoRASequential):
         super().__init__(model, settings, seed)
         # W_init of every cross-attention K/V projection, restored after each selection
         self._w_init = {n: _base_weight(m).detach().clone() for n, m in model.unet.named_modules()
-                        if n.endswith(tuple(CROSS_ATTN_KV)) and (hasattr(m, "base_layer") or isinstance(m, torch.nn.Linear))}
+                        if n.endswith(tuple(CROSS_ATTN_KV))
+                        and (hasattr(m, "base_layer") or isinstance(m, torch.nn.Linear))}
 
     # ------------------------------------------------------------------ state: store, never fold
     def _fold(self, entry: dict[str, torch.Tensor]) -> None:
