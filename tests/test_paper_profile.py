@@ -9,7 +9,7 @@ checksums are the fakes' (config ``paper.manifests_dir``); nothing leaves 127.0.
 """
 from __future__ import annotations
 
-import csv
+import contextlib
 import functools
 import hashlib
 import io
@@ -177,23 +177,29 @@ class _Mirror(ThreadingHTTPServer):
     daemon_threads = True
 
 
-@pytest.fixture(scope="module")
-def fakes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fakes")
-    paths = build_fakes(root)
-    handler = functools.partial(_QuietHandler, directory=str(paths["mirror"]))
-    srv = _Mirror(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    paths["base_url"] = f"http://127.0.0.1:{srv.server_address[1]}"
-    yield paths
-    srv.shutdown()
-    srv.server_close()
-
-
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, format, *args):
         pass
+
+
+@contextlib.contextmanager
+def serve(directory: Path):
+    """Serve ``directory`` on 127.0.0.1 (a mirror: <base_url>/<host>/<path>); yields the base URL."""
+    srv = _Mirror(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(directory)))
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def fakes(tmp_path_factory):
+    paths = build_fakes(tmp_path_factory.mktemp("fakes"))
+    with serve(paths["mirror"]) as base_url:
+        yield {**paths, "base_url": base_url}
 
 
 # ------------------------------------------------------------------------------- layout = the toy world's
@@ -216,6 +222,9 @@ def test_fetch_and_prepare_fakes_give_the_toy_layout(fakes, tmp_path, tiny_world
     from continual_bench.data.paper import fetch_dataset, prepare_imagenet_r_from_manifest
     from continual_bench.data.toy_imagenet_r import write_toy_imagenet_r
 
+    from continual_bench.data import datasets, paper
+
+    assert paper.MANIFEST_COLUMNS == datasets.MANIFEST_COLUMNS  # a copy: the preparation steps do not import torch
     man, raw, out = fakes["manifests"], tmp_path / "raw", tmp_path / "prepared"
     toy = _layout(tiny_world)
 
@@ -340,3 +349,174 @@ def test_gpu_slots_pin_one_gpu_per_process(monkeypatch, tmp_path):
     finally:
         while gpu_slots._HELD:
             gpu_slots._HELD.pop().close()
+
+
+# ------------------------------------------------------------------------------- models and the paper judge
+@pytest.fixture(scope="module")
+def fake_inception(tmp_path_factory) -> Path:
+    """torch-fidelity InceptionV3 weights with random values (the real ones are not downloadable here)."""
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    with pytest.MonkeyPatch.context() as mp:  # build the module without loading (or downloading) weights
+        mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
+        mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        torch.manual_seed(0)
+        module = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(module.state_dict(), path)
+    return path
+
+
+def _tiny_openai_clip(path: Path) -> Path:
+    """A tiny CLIP ViT saved as an OpenAI-style state dict (the format of OpenAI's ViT-B-32.pt, minus JIT)."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(embed_dim=32, quick_gelu=True,
+                           vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 1},
+                           text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1})
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_fetch_models_from_a_mirror_and_build_the_paper_judge(tmp_path, tiny_pipeline, fake_inception):
+    import torch
+
+    from continual_bench.backbones.t2i import load_pipeline
+    from continual_bench.data.model_resources import build_paper_judge, fetch_model
+    from continual_bench.evaluation.judge import load_judge
+
+    mirror, res = tmp_path / "mirror", tmp_path / "resources"
+    models = yaml.safe_load((REPO / "data_manifests" / "models.yaml").read_text())
+    spec = models["models"]
+    # Stable Diffusion: a tiny pipeline's files at the pinned revision's URLs
+    rev = spec["stable_diffusion"]["revision"]
+    hub = f"huggingface.co/CompVis/stable-diffusion-v1-4/resolve/{rev}"
+    spec["stable_diffusion"]["files"] = []
+    for f in sorted(p for p in tiny_pipeline.rglob("*") if p.is_file()):
+        rel = f.relative_to(tiny_pipeline).as_posix()
+        _put(mirror, f"{hub}/{rel}", f.read_bytes())
+        spec["stable_diffusion"]["files"].append({"path": rel, "url": f"https://{hub}/{rel}", "sha256": None})
+    # CLIP: an OpenAI-format checkpoint with its sha256 pinned, as in the real manifest
+    clip = spec["clip_vit_b_32"]["files"][0]
+    data = _tiny_openai_clip(tmp_path / "clip.pt").read_bytes()
+    _put(mirror, clip["url"].split("://", 1)[1], data)
+    clip["sha256"] = _sha(data)
+    # Inception: the hash prefix is checked, the full hash locked
+    inc = spec["inception_kid"]["files"][0]
+    data = fake_inception.read_bytes()
+    _put(mirror, inc["url"].split("://", 1)[1], data)
+    inc["sha256_prefix"] = _sha(data)[:8]
+    # ViT-B/16 (timm layout): two small files stand in for it
+    for f in spec["vit_b_16"]["files"]:
+        _put(mirror, f["url"].split("://", 1)[1], b'{"architecture": "vit_base_patch16_224"}' if f["path"] == "config.json"
+             else b"not really safetensors")
+    models_file = tmp_path / "models.yaml"
+    models_file.write_text(yaml.safe_dump(models, sort_keys=False))
+
+    with serve(mirror) as base_url:
+        for name in ("stable_diffusion", "clip_vit_b_32", "inception_kid", "vit_b_16"):
+            fetch_model(name, res, base_url=base_url, models_file=models_file, backoff=0.0)
+    assert json.loads((res / "stable_diffusion" / "fetched.json").read_text())["revision"] == rev
+    locked = json.loads((res / "stable_diffusion" / "checksums.lock.json").read_text())["sha256"]
+    assert "unet/diffusion_pytorch_model.safetensors" in locked
+    pipe = load_pipeline(res / "stable_diffusion")  # the fetched folder loads offline as it is
+    assert pipe.unet.config.sample_size == 16
+    # offline: present files verify against the lock without a server; a missing one is named
+    fetch_model("vit_b_16", res, offline=True, models_file=models_file)
+    with pytest.raises(UserError, match=r"vit_b_16/config.json: missing, and offline is set"):
+        fetch_model("vit_b_16", tmp_path / "elsewhere", offline=True, models_file=models_file)
+    # a file whose hash does not start with the published prefix is refused
+    inc["sha256_prefix"] = "0000" if not inc["sha256_prefix"].startswith("0000") else "1111"
+    models_file.write_text(yaml.safe_dump(models, sort_keys=False))
+    with pytest.raises(UserError, match="does not start with the published prefix"):
+        fetch_model("inception_kid", res, offline=True, models_file=models_file)
+
+    judge_dir = build_paper_judge(res / "clip_vit_b_32", res / "inception_kid", res / "judge")
+    judge = load_judge(judge_dir)
+    x = torch.rand(2, 3, 24, 24)
+    assert judge.kid_extractor is not None and judge.kid_features(x).shape == (2, 2048)  # KID on Inception
+    assert judge.image_features(x).shape == (2, 32) and judge.text_features(["a photo of a person"]).shape == (1, 32)
+
+
+def test_judge_dispatch_and_missing_files(tmp_path):
+    import open_clip
+    from safetensors.torch import save_file
+
+    from continual_bench.evaluation.judge import TOY_JUDGE_CFG, TOY_PREPROCESS, load_judge
+
+    d = tmp_path / "judge"
+    with pytest.raises(UserError, match="open_clip_config.json: missing"):
+        load_judge(d)
+    d.mkdir()
+    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": TOY_JUDGE_CFG, "preprocess_cfg": TOY_PREPROCESS}))
+    with pytest.raises(UserError, match="no open_clip_model.safetensors"):
+        load_judge(d)
+    model = open_clip.CLIP(**TOY_JUDGE_CFG)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "open_clip_model.safetensors"))
+    assert load_judge(d).kid_extractor is None  # toy judge: KID on its own CLIP features
+    (d / "judge.json").write_text(json.dumps({"clip": ".", "kid_features": "inception",
+                                              "inception_weights": "weights-inception-2015-12-05-6726825d.pth"}))
+    with pytest.raises(UserError, match="weights-inception-2015-12-05-6726825d.pth: Inception weights for KID missing"):
+        load_judge(d)
+    (d / "judge.json").write_text(json.dumps({"kid_features": "clip"}))
+    assert load_judge(d).kid_extractor is None
+    (d / "judge.json").write_text(json.dumps({"kid_features": "dino"}))
+    with pytest.raises(UserError, match="kid_features must be"):
+        load_judge(d)
+
+
+# ------------------------------------------------------------------------- one short DAG run on the fakes
+@pytest.fixture(scope="module")
+def fake_dag(tmp_path_factory, fakes, tiny_pipeline) -> Path:
+    """The paper profile's DAG on the fake trees: fetch (mirror on 127.0.0.1, manual Celeb-A HQ files) and
+    prepare all three datasets, then train / generate / evaluate one run on celeba_hq (one method, one seed,
+    2 tasks) and the tables. A toy-sized pipeline and judge stand in for Stable Diffusion and CLIP
+    (paper.t2i_backbone, paper.judge); all steps tiny. (The classification runs read ImageNet-R through
+    the same prepared layout; their rules are covered by test_cls_dag.py.)"""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from continual_bench.evaluation.judge import TOY_JUDGE_CFG, TOY_PREPROCESS
+
+    work = tmp_path_factory.mktemp("paper_dag")
+    judge = work / "stand-ins" / "judge"
+    judge.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in open_clip.CLIP(**TOY_JUDGE_CFG).state_dict().items()},
+              str(judge / "open_clip_model.safetensors"))
+    (judge / "open_clip_config.json").write_text(json.dumps({"model_cfg": TOY_JUDGE_CFG, "preprocess_cfg": TOY_PREPROCESS}))
+    cfg = {
+        "run_name": "fakes", "world": "paper", "threads_per_run": 1,
+        "benchmarks": ["celeba_hq"], "methods": ["lora_sequential"], "n_tasks": [2], "seeds": [0],
+        "evaluation": {"n_samples": 2, "sample_steps": 1, "guidance": 3.0},
+        "method_settings": {"lora_sequential": {"steps": 2, "batch_size": 2, "rank": 2}},
+        "paper": {"manual_dir": str(fakes["manual"]), "manifests_dir": str(fakes["manifests"]),
+                  "base_url": fakes["base_url"], "t2i_backbone": str(tiny_pipeline), "judge": str(judge),
+                  "gldv2_waterfalls": {"n_generic": 1}},
+    }
+    configfile = work / "fakes.yaml"
+    configfile.write_text(yaml.safe_dump(cfg))
+    # `all`, plus the GLDv2 and ImageNet-R datasets (prepared, not trained on: the run stays short)
+    snakemake(work, "--cores", "2", "all", "data/paper/gldv2_waterfalls/manifest.csv",
+              "data/paper/imagenet_r/manifest.csv", configfile=configfile)
+    return work
+
+
+def test_dag_on_fakes_trains_evaluates_and_tables(fake_dag):
+    res = fake_dag / "results" / "fakes"
+    summary = pd.read_csv(res / "summary.csv")
+    assert {(r.track, r.benchmark, r.method, r.n_seeds) for r in summary.itertuples()} == {
+        ("t2i", "celeba_hq", "lora_sequential", 1)}
+    metrics = set(summary.metric)
+    assert {"A_mmd", "F_mmd", "A_clip", "P_clip_t", "Frel_mmd", "N_train"} <= metrics
+    assert not any(m.endswith("oracle") for m in metrics)  # real data has no oracle
+    assert (res / "tables" / "celeba_hq_T2.csv").is_file()
+    assert (res / "figures" / "samples" / "celeba_hq_T2_lora_sequential_seed0.png").is_file()
+    train = json.loads((res / "runs/celeba_hq/T2/lora_sequential/seed0/train.json").read_text())
+    assert set(train["sequence"]) <= {"celeb_00007", "celeb_00012", "celeb_00030"} and train["class_word"] == "person"
+    for name in ("celeba_hq", "gldv2_waterfalls", "imagenet_r"):
+        assert _layout(fake_dag / "data" / "paper" / name)["folder_per_concept"]
+    assert (fake_dag / "data/raw/gldv2_waterfalls/images.lock.json").is_file()
+    assert "Nothing to be done" in snakemake(fake_dag, "-n", "--cores", "2", configfile=fake_dag / "fakes.yaml").stdout

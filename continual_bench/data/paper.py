@@ -25,12 +25,12 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from ..utils import UserError, atomic_write_text
-from .datasets import MANIFEST_COLUMNS
 from .manifests import Manifest, load_manifest
 
 log = logging.getLogger("continual_bench")
 
 GENERIC = "generic"
+MANIFEST_COLUMNS = ("path", "concept", "split", "caption")  # = datasets.MANIFEST_COLUMNS (that module imports torch)
 
 
 # ------------------------------------------------------------------------------------------ layout

@@ -5,6 +5,13 @@ open_clip CLIP trained contrastively (InfoNCE, open_clip's ``ClipLoss``) on the 
 and their attribute captions, so that its image features separate the attributes identities differ in.
 Both live in an open_clip ``local-dir`` folder (``open_clip_config.json`` + ``open_clip_model.safetensors``)
 and are loaded by :func:`load_judge` through ``open_clip.create_model("local-dir:...")``.
+
+KID features. The toy judge computes KID on its own CLIP image features. The paper profile's judge folder
+(built by :func:`continual_bench.data.model_resources.build_paper_judge`) also holds ``judge.json`` and
+torch-fidelity's InceptionV3 weights: :func:`load_judge` then loads that Inception as torchmetrics'
+``NoTrainInceptionV3`` (the module ``KernelInceptionDistance(feature=2048)`` would build, here from the local
+file, so nothing is downloaded) and :meth:`Judge.kid_features` returns its 2048-d pool features, on which
+KID is computed as the papers do; CLIP alignment keeps using CLIP.
 """
 from __future__ import annotations
 
@@ -33,7 +40,8 @@ TOY_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolatio
 class Judge:
     """Wraps an open_clip model: ``image_features`` takes images in [0, 1] of any size."""
 
-    def __init__(self, model, tokenizer, image_size: int, mean, std, device="cpu"):
+    def __init__(self, model, tokenizer, image_size: int, mean, std, device="cpu", kid_extractor=None):
+        self.kid_extractor = kid_extractor.eval().to(device) if kid_extractor is not None else None
         self.model = model.eval().to(device)
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -54,25 +62,70 @@ class Judge:
         return F.normalize(feats, dim=-1) if normalize else feats
 
     @torch.no_grad()
+    def kid_features(self, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Features KID is computed on: Inception pool features (paper judge) or the CLIP image features."""
+        if self.kid_extractor is None:
+            return self.image_features(x, normalize=False)
+        out = []
+        for i in range(0, len(x), batch_size):  # torchmetrics' conversion of [0, 1] floats (normalize=True)
+            imgs = (x[i:i + batch_size].clamp(0, 1) * 255).byte().to(self.device)
+            out.append(self.kid_extractor(imgs).reshape(len(imgs), -1))
+        return torch.cat(out).double().cpu()
+
+    @torch.no_grad()
     def text_features(self, prompts: list[str]) -> torch.Tensor:
         feats = self.model.encode_text(self.tokenizer(prompts).to(self.device)).float().cpu()
         return F.normalize(feats, dim=-1)
 
 
+JUDGE_FILE = "judge.json"
+
+
+def load_inception(weights: str | Path):
+    """torchmetrics' NoTrainInceptionV3 (2048-d pool features) from a local torch-fidelity weights file."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    weights = Path(weights)
+    if not weights.is_file():
+        raise UserError(f"{weights}: Inception weights for KID missing; fetch them (continual-bench fetch-models "
+                        "--model inception_kid, then build-paper-judge) or set paper.offline: false")
+    return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                              feature_extractor_weights_path=str(weights))
+
+
 def load_judge(path: str | Path, device: str = "cpu") -> Judge:
+    """The judge in ``path``: an open_clip local-dir, plus Inception for KID when ``judge.json`` says so."""
+    path = Path(path)
+    spec_file = path / JUDGE_FILE
+    if spec_file.is_file():
+        try:
+            spec = json.loads(spec_file.read_text())
+        except ValueError as exc:
+            raise UserError(f"{spec_file}: not valid JSON ({exc})") from None
+        kid = spec.get("kid_features", "clip")
+        if kid not in ("clip", "inception"):
+            raise UserError(f"{spec_file}: kid_features must be 'clip' or 'inception', got {kid!r}")
+        clip_dir = path / spec.get("clip", ".")
+        extractor = load_inception(path / spec.get("inception_weights", "")) if kid == "inception" else None
+        return _load_open_clip(clip_dir, device, kid_extractor=extractor)
+    return _load_open_clip(path, device)
+
+
+def _load_open_clip(path: Path, device: str, kid_extractor=None) -> Judge:
     import open_clip
 
-    path = Path(path)
     cfg_file = path / "open_clip_config.json"
     if not cfg_file.is_file():
         raise UserError(f"{cfg_file}: missing; the judge model has not been built or fetched")
+    if not any((path / f).is_file() for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
+        raise UserError(f"{path}: no open_clip_model.safetensors; the judge's weights have not been fetched")
     cfg = json.loads(cfg_file.read_text())
     model = open_clip.create_model(f"local-dir:{path}", device=device)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
     pre = cfg.get("preprocess_cfg", {})
     size = cfg["model_cfg"]["vision_cfg"]["image_size"]
     return Judge(model, tokenizer, size, pre.get("mean", [0.48145466, 0.4578275, 0.40821073]),
-                 pre.get("std", [0.26862954, 0.26130258, 0.27577711]), device)
+                 pre.get("std", [0.26862954, 0.26130258, 0.27577711]), device, kid_extractor=kid_extractor)
 
 
 def train_toy_judge(data_dirs, out_dir, *, steps: int = 600, batch_size: int = 128, lr: float = 2e-3,

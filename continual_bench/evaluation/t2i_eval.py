@@ -119,7 +119,10 @@ def evaluate_run(*, train_json: str | Path, samples_npz: str | Path, data_dir: s
     except (OSError, ValueError) as e:
         raise UserError(f"{samples_npz}: unreadable samples file ({e})") from None
     real_feats_of: dict[str, torch.Tensor] = {}  # judge features of each reference set, computed once
+    real_kid_of: dict[str, torch.Tensor] = {}  # KID features (Inception in the paper profile; else the same)
     text_feats_of: dict[str, torch.Tensor] = {}
+    # KID on the judge's own image features unless it carries a KID extractor (the paper judge's Inception)
+    kid_features = judge.kid_features if getattr(judge, "kid_extractor", None) is not None else None
     rows = []
     last = sequence[-1]
     for key in sorted(samples, key=parse_sample_key):
@@ -129,12 +132,14 @@ def evaluate_run(*, train_json: str | Path, samples_npz: str | Path, data_dir: s
             ref = concept if (k or has_generic) else None
             real = real_reference(ds, ref) if ref else torch.cat([real_reference(ds, c) for c in sequence])
             real_feats_of[concept] = judge.image_features(real, normalize=False)
+            real_kid_of[concept] = kid_features(real) if kid_features else real_feats_of[concept]
             text = concept_text(ds, concept, class_word) if k else generic_prompt(class_word)
             text_feats_of[concept] = judge.text_features([text])
         real_feats = real_feats_of[concept]
         fake = _to_tensor(samples[key])
         fake_feats = judge.image_features(fake, normalize=False)
-        vals = {"mmd": M.kid(real_feats, fake_feats, seed=stable_seed("kid", t, k)),
+        fake_kid = kid_features(fake) if kid_features else fake_feats
+        vals = {"mmd": M.kid(real_kid_of[concept], fake_kid, seed=stable_seed("kid", t, k)),
                 "clip": M.clip_image_alignment(real_feats, fake_feats),
                 "clip_t": M.clip_text_alignment(text_feats_of[concept], fake_feats)}
         if oracle is not None:
