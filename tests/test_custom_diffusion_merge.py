@@ -1,10 +1,12 @@
 """custom_diffusion_merge: the closed form of Kumari et al. (2023, sec. 3.2) on small matrices, and on the model."""
+import pytest
 import torch
 
 from continual_bench.backbones.model import T2IModel
 from continual_bench.methods.base import Task, build_settings
 from continual_bench.methods.registry import get_method
 from continual_bench.methods.t2i.custom_diffusion_merge import closed_form_merge, text_rows
+from continual_bench.utils import UserError
 
 
 def test_closed_form_by_hand():
@@ -31,11 +33,16 @@ def test_closed_form_constraint_exact_optimal_and_no_rows_is_w0():
         n = torch.randn(3, 3, generator=g).double() @ null
         assert obj(w + 0.1 * n) > obj(w)
     assert torch.equal(closed_form_merge(w0, c_reg, torch.empty(0, 5), torch.empty(3, 0)), w0.double())
+    with pytest.raises(UserError, match="too few directions.*ridge"):  # G singular: a clear error, not garbage
+        closed_form_merge(w0, c_reg[:3], c, v)
+    w = closed_form_merge(w0, c_reg[:3], c, v, ridge=1e-6)  # the ridge changes the objective, not the constraint
+    assert torch.allclose(w @ c.double().T, v.double(), atol=1e-8)
 
 
 def test_merged_model_keeps_each_concepts_outputs(tiny_pipeline):
     cls = get_method("t2i", "custom_diffusion_merge")
-    m = cls(T2IModel.from_pretrained(tiny_pipeline), build_settings(cls.Settings, {}, "t"), seed=0)
+    # the random-weight test encoder spans few directions with 5 captions: a small ridge keeps G invertible
+    m = cls(T2IModel.from_pretrained(tiny_pipeline), build_settings(cls.Settings, {"ridge": 1e-4}, "t"), seed=0)
     captions = [f"a photo of a person with {c} hair" for c in ("red", "long black", "short blonde", "white", "brown")]
     tasks = [Task(index=i, concept=f"c{i}", token=f"<v{i}>", prompt=f"a photo of <v{i}>", images=torch.empty(0),
                   class_word="person", class_captions=captions) for i in (1, 2)]

@@ -1,13 +1,15 @@
 """Custom Diffusion, merged: per-concept K/V fine-tuning combined by the closed-form constrained optimization.
 
 Paper: Kumari, Zhang, Zhang, Shechtman, Zhu, "Multi-Concept Customization of Text-to-Image Diffusion",
-CVPR 2023 (arXiv 2212.04488), sec. 3.2, "Constrained optimization to merge concepts"; the "Custom Diffusion
+CVPR 2023 (arXiv 2212.04488), sec. 3.2, merging concepts by constrained optimization; the "Custom Diffusion
 (merged)" baseline of C-LoRA (Smith et al., "Continual Diffusion", TMLR 2024, arXiv 2304.06027, Table 1).
+Reference code read for this file: ``src/diffusers_composenW.py`` of github.com/adobe-research/custom-diffusion
+(commit 74d1fa987961f3e0a21be3db3765c89f40078a8f), functions ``compose`` and ``gdupdateWexact``.
 
 Per task (Custom Diffusion's fine-tuning, sec. 3.1): starting from the BASE weights W0 (not from the
 merged model), train the cross-attention key/value projections W^k, W^v (``attn2.to_k``/``attn2.to_v``)
 and the concept token's embedding with the diffusion loss; store that concept's weights {W_n} and token.
-Then merge the N concepts seen so far, for every projection separately (paper, eq. 5 and 6):
+Then merge the N concepts seen so far, for every projection separately:
 
     W_hat = argmin_W || W C_reg^T - W0 C_reg^T ||_F^2     s.t.   W C^T = V,
 
@@ -15,7 +17,8 @@ Then merge the N concepts seen so far, for every projection separately (paper, e
           own prompt, computed with the merged model's text encoder (all tokens present);
     V   = [W_1 c_1^T ... ] (out x s): what concept n's fine-tuned weights W_n output on its own rows;
     C_reg (m x d): text features of regularization captions (generic captions: they fix W's behaviour on
-          ordinary text; the paper draws them from LAION captions, here the dataset's generic-class captions).
+          ordinary text; the reference code reads the first 200 lines of a caption file, here a fixed draw of
+          ``n_reg_captions`` = 200 of the dataset's generic-class captions).
 
 Derivation (Lagrange multipliers). With G = C_reg^T C_reg (d x d, symmetric positive definite) the objective is
 tr((W - W0) G (W - W0)^T). The Lagrangian tr((W - W0) G (W - W0)^T) - 2 tr(Lambda^T (W C^T - V)), Lambda (out x s),
@@ -24,19 +27,23 @@ W0 C^T + Lambda (C G^-1 C^T) = V, hence Lambda = (V - W0 C^T) (C G^-1 C^T)^-1. W
 
     d = C (C_reg^T C_reg)^-1  (s x d),     v^T = (V - W0 C^T) (d C^T)^-1  (out x s),     W_hat = W0 + v^T d.
 
-With no constraint rows (s = 0) W_hat = W0. The constraint holds exactly whenever C has full row rank
-(s <= d); the objective is minimal among all such W. ``ridge`` adds ridge * tr(G)/d * I to G (keeps G
-invertible when the captions give fewer than d independent rows); it changes which W is chosen, never the
-constraint.
+This is the reference code's ``gdupdateWexact``: d = solve(K^T K, K_t^T)^T, W_new = W + (V_t^T - W K_t^T)
+(d K_t^T)^-1 d with K = C_reg, K_t = C. With no constraint rows (s = 0) W_hat = W0. The constraint holds
+exactly whenever C has full row rank (s <= d); the objective is minimal among all such W. ``ridge`` adds
+ridge * tr(G)/d * I to G (keeps G invertible when the captions give fewer than d independent rows, as a
+random-weight or tiny text encoder can); it changes which W is chosen, never the constraint. The reference
+code has no ridge (``ridge: 0``).
 
 Choices, stated:
-- Rows: the paper's compose script uses all tokens of the captions and target prompts after the
-  start-of-text token, without padding. Here: regularization rows = every token after start-of-text up to
-  and including end-of-text; a concept's rows = from its concept token to end-of-text. The tokens before the
-  concept token ("a photo of") have the same causal text features for every concept (and the generic
-  prompt), so constraining them to different targets would contradict itself; they stay under the
-  regularization objective. Two rows per concept ("<vk>", end-of-text) keep s = 2T <= d up to T = 32 for the
-  toy text width 64 (SD: 768). With s > d or dependent rows the pseudo-inverse gives the least-squares fit.
+- Rows: the reference code encodes captions without padding and drops the start-of-text row; its
+  targets are the rows of "<newk> category" and "photo of a <newk> category" from the modifier token on
+  (the "photo of a" rows dropped; exact duplicates removed). Here: regularization rows = every token after
+  start-of-text up to and including end-of-text; a concept's rows = those of its evaluation prompt
+  "a photo of <vk>" from the concept token on ("<vk>", end-of-text; no class word in this suite's prompts).
+  The rows before the concept token ("a photo of") have the same causal text features for every concept
+  and the generic prompt, so constraining them to different targets would contradict itself (the reason
+  the reference code drops them too). Two rows per concept keep s = 2T <= d up to T = 32 for the toy text
+  width 64 (SD: 768). With s > d or dependent rows the pseudo-inverse gives the least-squares fit.
 - Token and prompt as in ``custom_diffusion`` and ``lora_sequential`` (C-LoRA's protocol, sec. 3.3): a
   new random token row per concept, "a photo of <vk>"; the start-of-text key/value is detached in training
   (diffusers' ``examples/custom_diffusion``, REFERENCE.md sec. 1); no regularization images.
@@ -50,6 +57,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...utils import UserError
 from ..base import T2IMethod, Task, TrainSettings
 from ..registry import register
 from .lora_sequential import CROSS_ATTN_KV, freeze_all_but_token
@@ -63,7 +71,7 @@ class CustomDiffusionMergeSettings(TrainSettings):
     token_lr: float = 2e-2  # the concept token's embedding row (as lora_sequential)
     detach_first_token: bool = True  # no gradient through the start-of-text token's key/value
     n_reg_captions: int = 200  # regularization captions (generic-class captions of the dataset)
-    ridge: float = 1e-4  # relative ridge on C_reg^T C_reg (0: exact paper objective)
+    ridge: float = 0.0  # relative ridge on C_reg^T C_reg; 0 = the paper's objective (reference code: none)
 
 
 # ------------------------------------------------------------------------------------------- closed form
@@ -73,6 +81,12 @@ def merge_directions(c_reg: torch.Tensor, c: torch.Tensor, ridge: float = 0.0) -
     g = c_reg.T @ c_reg
     if ridge:
         g = g + ridge * torch.trace(g) / g.shape[0] * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    ev = torch.linalg.eigvalsh(g)
+    if not ev[0] > ev[-1] * 1e-13:
+        raise UserError(f"custom_diffusion_merge: the regularization captions' text features span too few directions "
+                        f"({c_reg.shape[0]} rows, width {g.shape[0]}, condition number "
+                        f"{(ev[-1] / ev[0].clamp_min(1e-300)).item():.1e}); use more captions (n_reg_captions) "
+                        "or a ridge > 0 (e.g. 1e-6)")
     d = torch.linalg.solve(g, c.T).T  # G symmetric: (G^-1 C^T)^T = C G^-1
     return d, torch.linalg.pinv(d @ c.T, hermitian=True)
 
