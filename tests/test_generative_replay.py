@@ -1,4 +1,4 @@
-"""generative_replay: Shin et al. eq. 1 on a batch; replayed samples of past concepts join the training data."""
+"""generative_replay: Shin et al.'s mixed objective on a batch; replayed samples of past concepts join the training data."""
 import torch
 
 from continual_bench.backbones.model import T2IModel

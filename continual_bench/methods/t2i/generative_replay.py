@@ -1,11 +1,12 @@
 """Generative replay: the model's own samples of past concepts stand in for their data.
 
-Paper: Shin, Lee, Kim, Kim, "Continual Learning with Deep Generative Replay", NeurIPS 2017 (eq. 1 of
-sec. 3.2), applied to text-to-image diffusion as the "generative replay" baseline of C-LoRA (Smith et al.,
+Paper: Shin, Lee, Kim, Kim, "Continual Learning with Deep Generative Replay", NeurIPS 2017 (the solver's
+training objective, which mixes new real data and replayed data with a ratio r), applied to text-to-image diffusion as the "generative replay" baseline of C-LoRA (Smith et al.,
 "Continual Diffusion", TMLR 2024, arXiv 2304.06027, Table 1), where the diffusion model is its own
 generator (no separate generator/solver pair).
 
-Equation (Shin et al. eq. 1 with the diffusion loss as the solver's loss): before task t the current model
+Equation (Shin et al.'s mixed objective with the diffusion loss as the solver's loss; the equation is
+written here from the paper's description, its numbering not re-checked): before task t the current model
 (the state after task t-1, frozen for this purpose) generates ``n_replay`` images x' of every past concept
 k < t from its prompt p_k; task t then trains on the mixture
 
@@ -43,7 +44,7 @@ class GenerativeReplaySettings(LoRASettings):
 
 
 def mix_losses(per_sample: torch.Tensor, is_replay: torch.Tensor, r: float) -> torch.Tensor:
-    """Shin et al. eq. 1 on one batch: r * mean(real losses) + (1 - r) * mean(replayed losses).
+    """Shin et al.'s mixed objective on one batch: r * mean(real losses) + (1 - r) * mean(replayed losses).
 
     A batch without replayed (or without real) samples gives the mean of the kind it has.
     """
@@ -57,7 +58,7 @@ def mix_losses(per_sample: torch.Tensor, is_replay: torch.Tensor, r: float) -> t
 
 @register("t2i", "generative_replay")
 class GenerativeReplay(LoRASequential):
-    """Deep generative replay (Shin et al., NeurIPS 2017, eq. 1) with the diffusion model as its own generator.
+    """Deep generative replay (Shin et al., NeurIPS 2017) with the diffusion model as its own generator.
 
     L = r L_diff(D_t) + (1 - r) L_diff(samples of past concepts from the model after task t-1); LoRA on K/V.
     """

@@ -1,10 +1,11 @@
 """Joint training: the non-continual upper bound, every concept seen so far trained with its real images.
 
-Paper: the "upper bound" / joint-training reference of continual learning (e.g. the offline upper bound of
-Smith et al., "Continual Diffusion: Continual Customization of Text-to-Image Diffusion with C-LoRA",
-TMLR 2024, arXiv 2304.06027, and of CODA-Prompt's tables); multi-concept joint fine-tuning is also Custom
-Diffusion's "joint training" (Kumari et al., CVPR 2023, sec. 3.2). It is NOT a continual method: it reads
-the past concepts' real images (``uses_past_data = True``), which every continual method is denied.
+Paper: the joint-training upper bound that continual-learning comparisons report next to continual
+methods (e.g. CODA-Prompt's "upper bound" row; this suite's classification track has ``upper_bound``),
+here for the text-to-image customization of Smith et al., "Continual Diffusion" (C-LoRA), TMLR 2024,
+arXiv 2304.06027; training one model on several concepts' images together is Custom Diffusion's joint
+multi-concept fine-tuning (Kumari et al., CVPR 2023). It is NOT a continual method: it reads the past
+concepts' real images (``uses_past_data = True``), which every continual method is denied.
 
 Equation: at task t the model minimises the diffusion loss over the union of all data seen so far,
 
@@ -47,8 +48,8 @@ class Joint(LoRASequential):
     L_t = mean over the union D_1..D_t of L_diff(x, p_k); W_t = W_{t-1} + A_t B_t (LoRA on K/V), all tokens train.
     """
 
-    paper = ("joint-training upper bound (non-continual reference) of Smith et al., Continual Diffusion "
-             "(C-LoRA), TMLR 2024, arXiv:2304.06027")
+    paper = ("joint-training upper bound (non-continual reference) for the setting of Smith et al., Continual "
+             "Diffusion (C-LoRA), TMLR 2024, arXiv:2304.06027")
     Settings = JointSettings
     uses_past_data = True
 

@@ -3,8 +3,7 @@
 Paper: the per-concept adapters are the LoRA of Hu et al., "LoRA: Low-Rank Adaptation of Large Language
 Models", ICLR 2022, in the cross-attention K/V placement of C-LoRA (Smith et al., "Continual Diffusion",
 TMLR 2024, arXiv 2304.06027, sec. 3.1); keeping one adapter per concept is the storage-for-forgetting
-reference point that C-LoRA's single growing model is compared against (a "LoRA-C"-style baseline, as in
-CIDM's table; REFERENCE.md sec. 1, peers).
+reference point that C-LoRA's single growing model is compared against.
 
 Equation: task k trains a fresh pair (A_k, B_k) on the frozen backbone, never on top of earlier pairs,
 
