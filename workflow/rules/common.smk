@@ -1,6 +1,5 @@
 # Paths and helpers shared by the rule files. Logic lives in the continual_bench package; this only
 # maps config values to file names.
-import glob
 import json
 import os
 import sys
@@ -30,7 +29,7 @@ def _machine_gpus():
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
-    return len(glob.glob("/dev/nvidia[0-9]*"))
+    return len(list(Path(os.sep, "dev").glob("nvidia[0-9]*")))  # the driver's device files, one per GPU
 
 
 def _gpu_slots():

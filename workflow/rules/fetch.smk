@@ -131,6 +131,7 @@ rule fetch_model:
     log:
         "logs/paper/fetch_model_{model}.log",
     params:
+        resources=lambda w, output: Path(output[0]).parent.parent,
         flags=paper_fetch_flags(),
     wildcard_constraints:
         model="|".join(PAPER_MODELS),
@@ -138,7 +139,7 @@ rule fetch_model:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench fetch-models --resources {PAPER_RES} --model {wildcards.model} "
+        "continual-bench fetch-models --resources {params.resources} --model {wildcards.model} "
         "--models-file {input.models} {params.flags} 2> {log}"
 
 
