@@ -76,57 +76,40 @@ def _batch(m, task, seed=7):
 # ----------------------------------------------------------------------------------- textual inversion
 def test_textual_inversion_trains_only_its_row_and_resumes(backbone):
     m = _method(backbone, "textual_inversion")
-    t1 = _task(1, m.model.image_size)
+    t1, t2 = _task(1, m.model.image_size), _task(2, m.model.image_size)
     unet0, text0 = _snapshot(m.model.unet), _snapshot(m.model.text_encoder)
     emb_key = next(n for n, p in m.model.text_encoder.named_parameters() if p is m.model.token_embeddings())
-    vocab0 = text0[emb_key].shape[0]
-    # the equation: the loss is the plain diffusion loss of the prompt; only the token row gets a gradient
-    m.begin_task(t1)
-    init_row = m.emb[m.token_id].detach().clone()
-    out = m.loss(_batch(m, t1))
-    ref = m.model.diffusion_loss(_batch(m, t1)["latents"], m.model.encode_text([t1.prompt] * 2),
-                                 generator=torch.Generator().manual_seed(7))
-    assert torch.equal(out["loss"], ref)
-    out["loss"].backward()
-    grad = m.emb.grad
-    assert grad[m.token_id].abs().sum() > 0 and grad[: m.token_id].abs().sum() == 0
-    m.emb.grad = None
-    m.model.text_encoder.get_input_embeddings().weight.requires_grad_(False)
-    # a fresh model through the engine's loop (begin_task again on a new model)
-    m = _method(backbone, "textual_inversion")
     meta = train_one_task(m, t1, seed=0)
     assert meta["N_train"] == m.model.token_embeddings().shape[1] == m.n_stored()
     assert _changed(unet0, m.model.unet) == []  # UNet bit-identical
-    text1 = m.model.text_encoder.state_dict()
     assert _changed(text0, m.model.text_encoder) == []  # every weight and pre-existing row bit-identical
-    assert text1[emb_key].shape[0] == vocab0 + 1
-    assert not torch.equal(text1[emb_key][m.token_id], init_row)  # the concept row moved
+    text1 = m.model.text_encoder.state_dict()
+    assert text1[emb_key].shape[0] == text0[emb_key].shape[0] + 1
+    g = torch.Generator().manual_seed(0 * 1000 + 1)  # T2IMethod.begin_task's random init of the row
+    init_row = torch.randn(text1[emb_key].shape[1], generator=g) * text0[emb_key].std().item()
+    assert not torch.allclose(text1[emb_key][m.token_id], init_row)  # the concept row moved
     fresh = _resume(backbone, m, "textual_inversion", [t1])
     assert torch.equal(fresh.model.token_embeddings(), m.model.token_embeddings())
     _same_generation(m, fresh, t1)
+    # the equation: the loss is the plain diffusion loss of the prompt, and only the new row gets a gradient
+    fresh.begin_task(t2)
+    out = fresh.loss(_batch(fresh, t2))
+    ref = fresh.model.diffusion_loss(_batch(fresh, t2)["latents"], fresh.model.encode_text([t2.prompt] * 2),
+                                     generator=torch.Generator().manual_seed(7))
+    assert torch.equal(out["loss"], ref)
+    out["loss"].backward()
+    grad = fresh.emb.grad
+    assert grad[fresh.token_id].abs().sum() > 0 and grad[: fresh.token_id].abs().sum() == 0
+    assert all(p.grad is None for p in fresh.model.unet.parameters())
 
 
 # ----------------------------------------------------------------------------------- dreambooth
 def test_dreambooth_loss_is_instance_plus_weighted_prior_and_resumes(backbone):
     kw = {"prior_weight": 0.5, "n_class_images": 2, "class_sample_steps": 2}
     m = _method(backbone, "dreambooth", **kw)
-    t1 = _task(1, m.model.image_size)
-    vae0, text0 = _snapshot(m.model.vae), _snapshot(m.model.text_encoder)
-    m.begin_task(t1)
-    assert m.prior[0].shape[0] == 2  # n_class_images latents, encoded once
-    out = m.loss(_batch(m, t1))
-    # replay the generator by hand: instance term, then the prior term on the class latents
-    g = torch.Generator().manual_seed(7)
-    inst = m.model.diffusion_loss(_batch(m, t1)["latents"], m.model.encode_text([t1.prompt] * 2), generator=g)
-    idx = torch.randint(0, 2, (2,), generator=g)
-    lat = m.model.sample_latents(m.prior[0][idx], m.prior[1][idx], g)
-    prior = m.model.diffusion_loss(lat, m.model.encode_text(["a photo of a person"] * 2), generator=g)
-    assert torch.allclose(out["instance"], inst) and torch.allclose(out["prior"], prior)
-    assert torch.allclose(out["loss"], inst + 0.5 * prior)
+    t1, t2 = _task(1, m.model.image_size), _task(2, m.model.image_size)
+    unet0, vae0, text0 = _snapshot(m.model.unet), _snapshot(m.model.vae), _snapshot(m.model.text_encoder)
     n_unet = sum(p.numel() for p in m.model.unet.parameters())
-    m.end_task(t1)
-    m = _method(backbone, "dreambooth", **kw)
-    unet0 = _snapshot(m.model.unet)
     meta = train_one_task(m, t1, seed=0)
     assert meta["N_train"] == n_unet and meta["N_store"] == n_unet + m.model.token_embeddings().shape[1]
     assert len(_changed(unet0, m.model.unet)) > len(unet0) // 2  # the whole UNet trains
@@ -134,8 +117,19 @@ def test_dreambooth_loss_is_instance_plus_weighted_prior_and_resumes(backbone):
     fresh = _resume(backbone, m, "dreambooth", [t1], **kw)
     assert _changed(_snapshot(m.model.unet), fresh.model.unet) == []
     _same_generation(m, fresh, t1)
+    # the equation on the resumed model's next task: instance term + prior_weight * prior term
+    fresh.begin_task(t2)
+    assert fresh.prior[0].shape[0] == 2  # n_class_images latents, encoded once
+    out = fresh.loss(_batch(fresh, t2))
+    g = torch.Generator().manual_seed(7)  # replay the batch generator by hand
+    inst = fresh.model.diffusion_loss(_batch(fresh, t2)["latents"], fresh.model.encode_text([t2.prompt] * 2), generator=g)
+    idx = torch.randint(0, 2, (2,), generator=g)
+    lat = fresh.model.sample_latents(fresh.prior[0][idx], fresh.prior[1][idx], g)
+    prior = fresh.model.diffusion_loss(lat, fresh.model.encode_text(["a photo of a person"] * 2), generator=g)
+    assert torch.allclose(out["instance"], inst) and torch.allclose(out["prior"], prior)
+    assert torch.allclose(out["loss"], inst + 0.5 * prior)
     with pytest.raises(UserError, match="class word"):
-        fresh._make_prior(Task(index=1, concept="c1", token="<v1>", prompt="a photo of <v1>", images=t1.images))
+        fresh._make_prior(Task(index=3, concept="c3", token="<v3>", prompt="a photo of <v3>", images=t1.images))
 
 
 # ----------------------------------------------------------------------------------- custom diffusion
@@ -183,37 +177,31 @@ def test_ewc_penalty_by_hand():
 def test_custom_diffusion_ewc_fisher_penalty_and_resume(backbone):
     kw = {"fisher_samples": 2, "ewc_lambda": 10.0}
     m = _method(backbone, "custom_diffusion_ewc", **kw)
-    t1, t2 = _task(1, m.model.image_size), _task(2, m.model.image_size)
+    t1, t2, t3 = (_task(i, m.model.image_size) for i in (1, 2, 3))
     train_one_task(m, t1, seed=0)
     f1 = {n: f.clone() for n, f in m.fisher.items()}
     assert set(f1) == set(m.kv) and all((f >= 0).all() for f in f1.values()) and any(f.sum() > 0 for f in f1.values())
     assert all(torch.equal(m.anchor[n], w) for n, w in m.kv_weights().items())
+    # task 2 through the engine's loop from a restored model: Fisher and anchor restored, then accumulated
     m2 = _resume(backbone, m, "custom_diffusion_ewc", [t1], **kw)
     assert all(torch.equal(m2.fisher[n], f1[n]) and torch.equal(m2.anchor[n], m.anchor[n]) for n in f1)
-    # the loss term: lambda/2 * F (theta - theta*)^2 with a hand-set Fisher on one weight element
-    m2.begin_task(t2)
-    name = next(iter(m2.kv))
-    saved = m2.fisher
-    m2.fisher = {n: torch.zeros_like(f) for n, f in saved.items()}
-    m2.fisher[name][0, 0] = 2.0
-    with torch.no_grad():
-        m2.kv_weights()[name][0, 0] += 0.1
-    out = m2.loss(_batch(m2, t2))
-    assert out["penalty"].item() == pytest.approx(2.0 * 0.1 ** 2, rel=1e-4)
-    base = super(type(m2), m2).loss(_batch(m2, t2))["loss"]
-    assert out["loss"].item() == pytest.approx(base.item() + 5.0 * out["penalty"].item(), rel=1e-5)
-    with torch.no_grad():
-        m2.kv_weights()[name][0, 0] -= 0.1
-    m2.fisher = saved
-    m2.end_task(t2)
-    # task 2 through the engine's loop from a restored model: the Fisher accumulates (sum over tasks)
-    m2 = _resume(backbone, m, "custom_diffusion_ewc", [t1], **kw)
     train_one_task(m2, t2, seed=0)
     f2 = m2.task_fisher(t2)  # same generator seed: the task-2 Fisher at the final weights
-    assert all(torch.allclose(m2.fisher[n], f1[n] + f2[n]) for n in f1)
+    assert all(torch.allclose(m2.fisher[n], f1[n] + f2[n]) for n in f1)  # F = F_1 + F_2
     m3 = _resume(backbone, m2, "custom_diffusion_ewc", [t1, t2], **kw)
     assert all(torch.equal(m3.fisher[n], m2.fisher[n]) for n in f1)
     _same_generation(m2, m3, t1)
+    # the loss term: lambda/2 * F (theta - theta*)^2 with a hand-set Fisher on one weight element
+    m3.begin_task(t3)
+    name = next(iter(m3.kv))
+    m3.fisher = {n: torch.zeros_like(f) for n, f in m3.fisher.items()}
+    m3.fisher[name][0, 0] = 2.0
+    with torch.no_grad():
+        m3.kv_weights()[name][0, 0] += 0.1
+    out = m3.loss(_batch(m3, t3))
+    assert out["penalty"].item() == pytest.approx(2.0 * 0.1 ** 2, rel=1e-4)
+    base = super(type(m3), m3).loss(_batch(m3, t3))["loss"]  # custom_diffusion's loss, same batch
+    assert out["loss"].item() == pytest.approx(base.item() + 10.0 / 2 * out["penalty"].item(), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------- C-LoRA
@@ -237,20 +225,10 @@ def test_c_lora_sums_products_not_factors():
 def test_c_lora_trains_two_tasks_with_penalty_and_resumes(backbone):
     kw = {"rank": 2, "lam": 10.0}
     m = _method(backbone, "c_lora", **kw)
-    t1, t2 = _task(1, m.model.image_size), _task(2, m.model.image_size)
+    t1, t2, t3 = (_task(i, m.model.image_size) for i in (1, 2, 3))
     unet0 = _snapshot(m.model.unet)
     train_one_task(m, t1, seed=0)
     assert "penalty" not in m.loss(_batch(m, t1))  # task 1: no past, no penalty
-    m2 = _resume(backbone, m, "c_lora", [t1], **kw)
-    m2.begin_task(t2)
-    past = {n: lora_delta(m.past[0][f"{n}.A"], m.past[0][f"{n}.B"], m.past[0][f"{n}.scaling"].item())
-            for n in lora_pairs(m2.model.unet)}
-    with torch.no_grad():  # pretend task 2 already wrote somewhere
-        for a, b, _ in lora_pairs(m2.model.unet).values():
-            b.normal_()
-    out = m2.loss(_batch(m2, t2))
-    by_hand = sum(((past[n].abs() * (b @ a) * s) ** 2).sum() for n, (a, b, s) in lora_pairs(m2.model.unet).items())
-    assert out["penalty"].item() == pytest.approx(by_hand.item(), rel=1e-5) and out["penalty"] > 0
     m2 = _resume(backbone, m, "c_lora", [t1], **kw)
     meta = train_one_task(m2, t2, seed=0)
     assert meta["N_store"] == 2 * meta["N_train"]
@@ -263,6 +241,17 @@ def test_c_lora_trains_two_tasks_with_penalty_and_resumes(backbone):
         assert torch.allclose(m3.model.unet.get_submodule(n).weight, w2, atol=1e-6)
     g2, g3 = m2.generate(t2, 2, seed=3, steps=2), m3.generate(t2, 2, seed=3, steps=2)
     assert np.abs(g2.astype(int) - g3.astype(int)).max() <= 1  # same model up to float rounding
-    # folded model: only cross-attention K/V base weights differ from the backbone
-    changed = _changed(unet0, m3.model.unet)
+    changed = _changed(unet0, m3.model.unet)  # folded: only cross-attention K/V base weights moved
     assert changed and all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in changed)
+    # the penalty at task 3, by hand: past = A_1 B_1 + A_2 B_2 (sum of the products)
+    m3.begin_task(t3)
+    past = {n: sum(lora_delta(e[f"{n}.A"], e[f"{n}.B"], e[f"{n}.scaling"].item()) for e in m2.past)
+            for n in lora_pairs(m3.model.unet)}
+    with torch.no_grad():  # pretend task 3 already wrote somewhere
+        for a, b, _ in lora_pairs(m3.model.unet).values():
+            b.normal_()
+    out = m3.loss(_batch(m3, t3))
+    by_hand = sum(((past[n].abs() * (b @ a) * s) ** 2).sum() for n, (a, b, s) in lora_pairs(m3.model.unet).items())
+    assert out["penalty"].item() == pytest.approx(by_hand.item(), rel=1e-5) and out["penalty"] > 0
+    base = super(type(m3), m3).loss(_batch(m3, t3))["loss"]
+    assert out["loss"].item() == pytest.approx(base.item() + 10.0 * by_hand.item(), rel=1e-5)

@@ -43,7 +43,7 @@ from .lora_sequential import CROSS_ATTN_KV, freeze_all_but_token
 class CustomDiffusionSettings(TrainSettings):
     # Toy profile. Paper profile: 5e-6 for all non-LoRA methods (C-LoRA paper, experiment setup); Custom
     # Diffusion's own recipe is 1e-5 x batch x accumulation x GPUs.
-    lr: float = 5e-4  # the K/V weights
+    lr: float = 5e-4  # the K/V weights; measured: toy_faces seed 0, concept 1, 120 steps x 8: oracle 32/32
     token_lr: float = 2e-2  # the concept token's embedding row (as lora_sequential)
     detach_first_token: bool = True  # no gradient through the start-of-text token's key/value
 

