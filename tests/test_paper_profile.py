@@ -520,3 +520,9 @@ def test_dag_on_fakes_trains_evaluates_and_tables(fake_dag):
         assert _layout(fake_dag / "data" / "paper" / name)["folder_per_concept"]
     assert (fake_dag / "data/raw/gldv2_waterfalls/images.lock.json").is_file()
     assert "Nothing to be done" in snakemake(fake_dag, "-n", "--cores", "2", configfile=fake_dag / "fakes.yaml").stdout
+    # switching to offline re-runs the fetch jobs (they verify what is there), nothing behind them:
+    # no preparation, training or evaluation
+    res = snakemake(fake_dag, "-n", "--cores", "2", "--quiet", "rules", "--config", "paper={offline: true}",
+                    configfile=fake_dag / "fakes.yaml")
+    planned = set(rule_counts(res.stdout)) - {"total", "all"}
+    assert "fetch_dataset" in planned and planned <= {"fetch_dataset", "run_config"}  # run_config: the config changed

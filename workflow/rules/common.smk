@@ -102,7 +102,7 @@ def judge_dir(w=None):
 
 def judge_input(w):
     if _paper(w) and not PAPER["judge"]:
-        return f"{PAPER_RES}/judge/judge.json"
+        return ancient(f"{PAPER_RES}/judge/judge.json")  # fetched once: a re-verification changes nothing
     return f"{judge_dir(w)}/open_clip_config.json"
 
 
@@ -147,7 +147,7 @@ def toy_dirs(input_files):
 
 def backbone_input(w):
     if _paper(w) and not PAPER["t2i_backbone"]:
-        return f"{PAPER_RES}/stable_diffusion/fetched.json"
+        return ancient(f"{PAPER_RES}/stable_diffusion/fetched.json")
     return f"{t2i_backbone(w)}/model_index.json"
 
 
@@ -178,7 +178,7 @@ def cls_backbone(w):
 def cls_backbone_input(w):
     if cls_is_toy(w.benchmark):
         return f"{TOY_VIT}/vit_config.json"
-    return config["cls_paper"]["backbone"] or f"{PAPER_RES}/vit_b_16/fetched.json"
+    return config["cls_paper"]["backbone"] or ancient(f"{PAPER_RES}/vit_b_16/fetched.json")
 
 
 def cls_settings(w):

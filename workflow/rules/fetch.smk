@@ -3,6 +3,9 @@
 # folders (<paper.resources_dir>/<model>/); every later job loads them from disk. Sources, checksums and
 # selection rules: data_manifests/*.yaml and models.yaml. paper.offline: the fetch jobs download nothing,
 # verify what is present and name what is missing. Each job writes its marker file last.
+# Markers of fetch jobs are read as ancient(): toggling paper.offline (or the mirror) reruns the fetch jobs,
+# which verify the files, but not the preparation, training and evaluation behind them. A changed manifest or
+# selection setting still reruns the preparation (the manifest is an input, the settings are params).
 
 
 rule fetch_dataset:
@@ -28,7 +31,7 @@ rule fetch_dataset:
 
 rule prepare_celeba_hq:
     input:
-        fetched=f"{PAPER_RAW}/celeba_hq/fetched.json",
+        fetched=ancient(f"{PAPER_RAW}/celeba_hq/fetched.json"),
         manifest=paper_manifest("celeba_hq"),
     output:
         "data/paper/celeba_hq/manifest.csv",
@@ -48,7 +51,7 @@ rule prepare_celeba_hq:
 
 rule select_gldv2_waterfalls:
     input:
-        fetched=f"{PAPER_RAW}/gldv2_waterfalls/fetched.json",
+        fetched=ancient(f"{PAPER_RAW}/gldv2_waterfalls/fetched.json"),
         manifest=paper_manifest("gldv2_waterfalls"),
     output:
         f"{PAPER_RAW}/gldv2_waterfalls/selection.csv",
@@ -87,7 +90,7 @@ rule fetch_gldv2_images:
 
 rule prepare_gldv2_waterfalls:
     input:
-        fetched=f"{PAPER_RAW}/gldv2_waterfalls/fetched_images.csv",
+        fetched=ancient(f"{PAPER_RAW}/gldv2_waterfalls/fetched_images.csv"),
         manifest=paper_manifest("gldv2_waterfalls"),
     output:
         "data/paper/gldv2_waterfalls/manifest.csv",
@@ -107,7 +110,7 @@ rule prepare_gldv2_waterfalls:
 
 rule prepare_imagenet_r:
     input:
-        fetched=f"{PAPER_RAW}/imagenet_r/fetched.json",
+        fetched=ancient(f"{PAPER_RAW}/imagenet_r/fetched.json"),
         manifest=paper_manifest("imagenet_r"),
     output:
         "data/paper/imagenet_r/manifest.csv",
@@ -145,8 +148,8 @@ rule fetch_model:
 
 rule paper_judge:
     input:
-        clip=f"{PAPER_RES}/clip_vit_b_32/fetched.json",
-        inception=f"{PAPER_RES}/inception_kid/fetched.json",
+        clip=ancient(f"{PAPER_RES}/clip_vit_b_32/fetched.json"),
+        inception=ancient(f"{PAPER_RES}/inception_kid/fetched.json"),
     output:
         f"{PAPER_RES}/judge/judge.json",
     log:
