@@ -92,7 +92,10 @@ def test_textual_inversion_trains_only_its_row_and_resumes(backbone):
     assert torch.equal(fresh.model.token_embeddings(), m.model.token_embeddings())
     _same_generation(m, fresh, t1)
     # the equation: the loss is the plain diffusion loss of the prompt, and only the new row gets a gradient
+    fresh.settings.init_from_class_word = True  # (the paper's init: the class word's embedding)
     fresh.begin_task(t2)
+    word_ids = fresh.model.tokenizer("person", add_special_tokens=False).input_ids
+    assert torch.equal(fresh.emb[fresh.token_id].detach(), fresh.emb[word_ids].detach().mean(0))
     out = fresh.loss(_batch(fresh, t2))
     ref = fresh.model.diffusion_loss(_batch(fresh, t2)["latents"], fresh.model.encode_text([t2.prompt] * 2),
                                      generator=torch.Generator().manual_seed(7))

@@ -1,19 +1,20 @@
 """C-LoRA: continually self-regularized LoRA on the UNet's cross-attention key/value projections.
 
 Paper: Smith, Hsu, Zhang, Hua, Kira, Shen, Jin, "Continual Diffusion: Continual Customization of
-Text-to-Image Diffusion with C-LoRA", TMLR 2024 (arXiv 2304.06027), sec. 3.2, eq. 1-2.
+Text-to-Image Diffusion with C-LoRA", TMLR 2024 (arXiv 2304.06027): its weight decomposition and
+self-regularization, written from the paper's description (equation numbers not re-checked).
 
 Equation: for every cross-attention projection W in {W_K, W_V} (``attn2.to_k``, ``attn2.to_v``), task t
-trains a new low-rank pair on top of the frozen sum of the past ones (eq. 1, as ``lora_sequential``),
+trains a new low-rank pair on top of the frozen sum of the past ones (as ``lora_sequential``),
 
     W_t = W_init + sum_{t'<t} A_t' B_t' + A_t B_t,
-    L   = L_diffusion + lambda * sum_W || |sum_{t'<t} A_t' B_t'| ⊙ (A_t B_t) ||_F^2          (eq. 2)
+    L   = L_diffusion + lambda * sum_W || |sum_{t'<t} A_t' B_t'| ⊙ (A_t B_t) ||_F^2
 
 |.| element-wise absolute value, ⊙ element-wise product. Every "A B" is a whole *product* as peft applies
 it, ``scaling * lora_B @ lora_A`` (shape of W): the past products are summed first and the absolute value
 taken of the sum (summing the A's and the B's separately and multiplying is a known third-party bug).
 Task 1 has no past, so no penalty. The penalty discourages writing where earlier tasks already wrote.
-Customized tokens follow sec. 3.3: a new, randomly initialised embedding per concept, trained with the
+Customized tokens follow the paper: a new, randomly initialised embedding per concept, trained with the
 LoRA, and the prompt "a photo of <vK>" has no class word (all of this inherited from ``lora_sequential``).
 
 lambda: the paper uses 1e8 on Stable Diffusion. The penalty is fourth order in the weight updates, so
@@ -55,7 +56,7 @@ def past_products(past: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
 
 @register("t2i", "c_lora")
 class CLoRA(LoRASequential):
-    """C-LoRA (Smith et al., TMLR 2024, arXiv 2304.06027, eq. 1-2).
+    """C-LoRA (Smith et al., TMLR 2024, arXiv 2304.06027): self-regularized LoRA.
 
     W_t = W_init + sum_{t'<t} A_t' B_t' + A_t B_t on cross-attention K/V, and
     L = L_diffusion + lambda * sum_W || |sum_{t'<t} A_t' B_t'| ⊙ (A_t B_t) ||_F^2.

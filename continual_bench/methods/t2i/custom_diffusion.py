@@ -1,9 +1,9 @@
 """Custom Diffusion trained sequentially: cross-attention key/value weights + the concept token.
 
 Paper: Kumari, Zhang, Zhang, Shechtman, Zhu, "Multi-Concept Customization of Text-to-Image Diffusion",
-CVPR 2023 (arXiv 2212.04488), sec. 3.1 ("rate of change of weights", "model fine-tuning"); run
-sequentially as the "Custom Diffusion (sequential)" baseline of C-LoRA (Smith et al., TMLR 2024,
-arXiv 2304.06027, Table 1).
+CVPR 2023 (arXiv 2212.04488): its single-concept fine-tuning (only the cross-attention key/value
+projections and the modifier token change), run sequentially as the sequential Custom Diffusion baseline
+of C-LoRA (Smith et al., "Continual Diffusion", TMLR 2024, arXiv 2304.06027).
 
 Equation: for every cross-attention layer the key and value projections W^k, W^v (``attn2.to_k``,
 ``attn2.to_v``) and the modifier token's embedding V* are the only variables; everything else is frozen:
@@ -16,12 +16,12 @@ nothing protects earlier concepts (``custom_diffusion_ewc`` adds a penalty that 
 
 Choices, stated:
 - Token and prompt: Custom Diffusion initialises its modifier token from an existing rare token and
-  prompts "photo of a V* dog". This suite follows C-LoRA's protocol for every method (sec. 3.3): a new,
-  randomly initialised row per concept and the engine's prompt "a photo of <vK>" without a class word,
+  prompts "photo of a V* dog". This suite follows C-LoRA's customized-token protocol for every method:
+  a new, randomly initialised row per concept and the engine's prompt "a photo of <vK>" without a class word,
   exactly as ``lora_sequential`` does; only the comparison's variable (what is trained) changes.
-- As in diffusers' ``examples/custom_diffusion`` (REFERENCE.md sec. 1), the key/value of the first
-  (start-of-text) token is detached (``detach_first_token``): it is the same for every prompt and would otherwise absorb the
-  concept. This changes gradients only, never a forward value.
+- As in diffusers' ``examples/custom_diffusion``, the key/value of the first (start-of-text) token
+  is detached (``detach_first_token``): that token's key/value is the same for every prompt, so training
+  it would change every prompt alike. This changes gradients only, never a forward value.
 - Custom Diffusion's regularisation set (200 retrieved real images of the class, prior weight 1.0) is
   not implemented: a method gets only the current task's images here (``dreambooth`` has a prior
   term on images the model generates itself).
@@ -60,7 +60,7 @@ def _detach_first_token(module, inputs, output):
 
 @register("t2i", "custom_diffusion")
 class CustomDiffusion(T2IMethod):
-    """Custom Diffusion, sequential (Kumari et al., CVPR 2023, arXiv 2212.04488, sec. 3.1).
+    """Custom Diffusion, sequential (Kumari et al., CVPR 2023, arXiv 2212.04488).
 
     Trains the cross-attention W^k, W^v (attn2.to_k / attn2.to_v, full weights) and the concept token;
     L = L_diffusion. Task t continues from task t-1's weights.

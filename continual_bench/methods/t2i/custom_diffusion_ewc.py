@@ -1,11 +1,12 @@
 """Custom Diffusion trained sequentially with an EWC penalty on the cross-attention key/value weights.
 
 Papers: Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks", PNAS 2017
-(arXiv 1612.00796), eq. 3; Custom Diffusion (Kumari et al., CVPR 2023, arXiv 2212.04488) as the
-trained part; the "Custom Diffusion + EWC" baseline of C-LoRA (Smith et al., TMLR 2024, arXiv
-2304.06027, Table 1), loss weight 1e6 there.
+(arXiv 1612.00796); Custom Diffusion (Kumari et al., CVPR 2023, arXiv 2212.04488) as the
+trained part; the Custom Diffusion + EWC baseline of C-LoRA (Smith et al., "Continual Diffusion", TMLR 2024,
+arXiv 2304.06027), loss weight 1e6 there.
 
-Equation (EWC eq. 3, summed over the finished tasks): at task t, for the K/V weights theta
+Equation (EWC's quadratic penalty, written from the paper, numbering not re-checked; summed over
+the finished tasks): at task t, for the K/V weights theta
 (``attn2.to_k``/``attn2.to_v`` of every cross-attention layer; see ``custom_diffusion``),
 
     L = L_diffusion + (lambda / 2) * sum_i F_i (theta_i - theta*_i)^2,
@@ -16,8 +17,9 @@ estimated at its end from ``fisher_samples`` single-sample gradients of the diff
 training images (flipped too when training flips; random noise and timestep per sample; no token-0
 detaching: the Fisher is of the full loss). Multi-task form: Kirkpatrick et al. write one penalty per
 past task, each around its own anchor; here the per-task Fishers are summed and centred on the latest
-weights (one Fisher and one anchor to store, as in online EWC without decay, Schwarz et al. 2018); the
-two agree when the anchors coincide and otherwise differ in where the quadratic is centred.
+weights (one Fisher and one anchor to store; online EWC without decay, Schwarz et al., ICML 2018). The
+two agree when the anchors coincide; Huszar ("Note on the quadratic penalties in elastic weight
+consolidation", PNAS 2018) argues that this single quadratic at the latest weights is the consistent one.
 
 State: the K/V weights (= the anchor theta*), the accumulated Fisher, the token rows, so a resumed run
 is exact. N_store therefore counts the Fisher too (same size as the K/V weights).
@@ -64,7 +66,7 @@ def ewc_penalty(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]
 
 @register("t2i", "custom_diffusion_ewc")
 class CustomDiffusionEWC(CustomDiffusion):
-    """Custom Diffusion (sequential) + EWC (Kirkpatrick et al., PNAS 2017, arXiv 1612.00796, eq. 3).
+    """Custom Diffusion (sequential) + EWC (Kirkpatrick et al., PNAS 2017, arXiv 1612.00796).
 
     L = L_diffusion + lambda/2 * sum_i F_i (theta_i - theta*_i)^2 over the cross-attention K/V weights,
     F the diagonal empirical Fisher summed over the finished tasks, theta* the weights after the last one.

@@ -1,10 +1,10 @@
 """DreamBooth trained sequentially: the whole UNet fine-tuned per concept, with class-prior preservation.
 
 Paper: Ruiz, Li, Jampani, Pritch, Rubinstein, Aberman, "DreamBooth: Fine Tuning Text-to-Image Diffusion
-Models for Subject-Driven Generation", CVPR 2023 (arXiv 2208.12242), sec. 3.3 eq. 2; one of the
-baselines of C-LoRA (Smith et al., TMLR 2024, arXiv 2304.06027, Table 1).
+Models for Subject-Driven Generation", CVPR 2023 (arXiv 2208.12242); one of the baselines
+of C-LoRA (Smith et al., "Continual Diffusion", TMLR 2024, arXiv 2304.06027).
 
-Equation (DreamBooth eq. 2, class-specific prior-preservation loss):
+Equation (DreamBooth's class-specific prior-preservation loss, written from the paper; numbering not re-checked):
 
     L = E_{z, c, eps, t} || target - f_theta(z_t, t, c) ||^2
         + lambda_prior * E_{z_pr, c_pr, eps', t'} || target' - f_theta(z_pr,t', t', c_pr) ||^2,
@@ -24,7 +24,7 @@ Choices, stated:
   class prompt). Its cost is ``n_class_images`` generations per task (16 at 15 DDIM steps on the toy
   backbone: about 7 s on one busy CPU core) and a second UNet pass per step.
 - Identifier: DreamBooth binds a rare token with a fixed embedding ("a [V] dog"); here the token is the
-  suite's new random row (C-LoRA protocol, sec. 3.3) and the prompt is the engine's "a photo of <vK>"
+  suite's new random row (C-LoRA's customized-token protocol) and the prompt is the engine's "a photo of <vK>"
   without the class word, as for every method. The row is frozen by default, like DreamBooth's rare
   token (``token_lr > 0`` trains it as well).
 
@@ -49,7 +49,7 @@ class DreamBoothSettings(TrainSettings):
     # Toy profile. Paper profile: 5e-6 for all non-LoRA methods (C-LoRA paper, experiment setup).
     lr: float = 2e-4  # all UNet weights; measured: toy_faces seed 0, concept 1, 120 steps x 8: oracle 32/32
     token_lr: float = 0.0  # 0: the identifier row stays at its (random) init, as DreamBooth's rare token
-    prior_weight: float = 1.0  # lambda of the prior-preservation term (DreamBooth eq. 2); 0 = off
+    prior_weight: float = 1.0  # lambda of the prior-preservation term; 0 = off (plain fine-tuning)
     n_class_images: int = 16  # generated at the start of each task (diffusers' example: 100-200 on SD)
     class_sample_steps: int = 15  # DDIM steps for the class images
     class_guidance: float = 5.0  # classifier-free guidance for the class images
@@ -57,7 +57,7 @@ class DreamBoothSettings(TrainSettings):
 
 @register("t2i", "dreambooth")
 class DreamBooth(T2IMethod):
-    """DreamBooth, sequential (Ruiz et al., CVPR 2023, arXiv 2208.12242, eq. 2).
+    """DreamBooth, sequential (Ruiz et al., CVPR 2023, arXiv 2208.12242), prior-preservation loss.
 
     L = ||target - f(z_t, c)||^2 + prior_weight * ||target' - f(z_pr,t', c_pr)||^2, all UNet weights trained;
     the prior latents z_pr come from images the model generates for "a photo of a {class_word}".
@@ -102,7 +102,7 @@ class DreamBooth(T2IMethod):
             self.prior_text = self.model.encode_text([prompt])
 
     def prior_loss(self, batch: dict) -> torch.Tensor:
-        """The second term of eq. 2 on a batch (as large as the concept batch) of the class latents."""
+        """The prior-preservation term on a batch (as large as the concept batch) of the class latents."""
         mean, std = self.prior
         n = len(batch["prompts"])
         g = batch["generator"]

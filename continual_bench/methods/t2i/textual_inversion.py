@@ -1,17 +1,18 @@
 """Textual Inversion: one new word embedding per concept, nothing else trains.
 
 Paper: Gal, Alaluf, Atzmon, Patashnik, Bermano, Chechik, Cohen-Or, "An Image is Worth One Word:
-Personalizing Text-to-Image Generation using Textual Inversion", ICLR 2023 (arXiv 2208.01618), eq. 2;
-one of the baselines of C-LoRA (Smith et al., TMLR 2024, arXiv 2304.06027, Table 1).
+Personalizing Text-to-Image Generation using Textual Inversion", ICLR 2023 (arXiv 2208.01618);
+one of the baselines of C-LoRA (Smith et al., "Continual Diffusion", TMLR 2024, arXiv 2304.06027).
 
-Equation (Textual Inversion eq. 2): the embedding v_* of the pseudo-word S_* is the only variable,
+Equation (Textual Inversion's optimisation objective, written from the paper; numbering not re-checked):
+the embedding v_* of the pseudo-word S_* is the only variable,
 
     v_* = argmin_v  E_{z ~ E(x), y, eps ~ N(0, 1), t} || eps - eps_theta(z_t, t, c_theta(y; v)) ||_2^2,
 
 with the UNet eps_theta, the text encoder c_theta and the VAE E frozen (the target is the velocity instead
 of eps for v-prediction backbones; see ``T2IModel.diffusion_loss``). In this suite the concept token
 ``<vK>`` is a new vocabulary row per task and the prompt is the engine's "a photo of <vK>" without a
-class word (C-LoRA sec. 3.3), so every method is trained and evaluated on the same prompts.
+class word (C-LoRA's customized-token protocol), so every method is trained and evaluated on the same prompts.
 
 Initialisation: Textual Inversion initialises v_* from a coarse descriptor word ("sculpture", "cat").
 Here the row is random (the suite's C-LoRA convention, ``T2IModel.add_concept_token``) by default;
@@ -45,7 +46,7 @@ class TextualInversionSettings(TrainSettings):
 
 @register("t2i", "textual_inversion")
 class TextualInversion(T2IMethod):
-    """Textual Inversion (Gal et al., ICLR 2023, arXiv 2208.01618, eq. 2): only the concept token's row trains.
+    """Textual Inversion (Gal et al., ICLR 2023, arXiv 2208.01618): only the concept token's row trains.
 
     v_* = argmin_v E || eps - eps_theta(z_t, t, c_theta("a photo of <vK>"; v)) ||^2, all weights frozen.
     """
