@@ -181,12 +181,7 @@ def parse_manifest(raw: Any, source: str | Path) -> Manifest:
     where = str(source)
     if not isinstance(raw, dict):
         raise UserError(f"{where}: expected a mapping at the top level, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(_TOP_KEYS), key=str)
-    if unknown:
-        raise UserError(f"{where}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(_TOP_KEYS))})")
-    missing = [k for k, required in _TOP_KEYS.items() if required and k not in raw]
-    if missing:
-        raise UserError(f"{where}: missing key '{missing[0]}'")
+    _check_keys(where, raw, _TOP_KEYS)
     name = _text(where, "name", raw["name"], required=True)
     if name != Path(where).stem:
         raise UserError(f"{where}: 'name' is {name!r} but the file is named {Path(where).name}")
@@ -237,6 +232,17 @@ _MODEL_KEYS = {"title": True, "homepage": True, "license": True, "revision": Tru
                "citation": False, "notes": False}
 
 
+def _check_keys(at: str, raw: dict, spec: dict[str, bool]) -> None:
+    """Unknown keys and missing required keys (``spec``: key -> required) are one-line errors naming them."""
+    unknown = sorted(set(raw) - set(spec), key=str)
+    if unknown:
+        raise UserError(f"{at}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(spec))})")
+    missing = [k for k, required in spec.items() if required and k not in raw]
+    if missing:
+        raise UserError(f"{at}: missing key '{missing[0]}'")
+
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One pretrained model of ``models.yaml``: its files (fetched like a dataset manifest) and their format."""
@@ -269,12 +275,7 @@ def parse_models(raw: Any, source: str | Path) -> dict[str, ModelSpec]:
             raise UserError(f"{at}: model names are lower-case letters, digits and '_'")
         if not isinstance(entry, dict):
             raise UserError(f"{at}: expected a mapping")
-        unknown = sorted(set(entry) - set(_MODEL_KEYS), key=str)
-        if unknown:
-            raise UserError(f"{at}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(_MODEL_KEYS))})")
-        missing = [k for k, required in _MODEL_KEYS.items() if required and k not in entry]
-        if missing:
-            raise UserError(f"{at}: missing key '{missing[0]}'")
+        _check_keys(at, entry, _MODEL_KEYS)
         fmt = entry["format"]
         if fmt not in MODEL_FORMATS:
             raise UserError(f"{at}: format must be one of {', '.join(MODEL_FORMATS)}, got {fmt!r}")

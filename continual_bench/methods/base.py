@@ -150,6 +150,15 @@ class T2IMethod:
         """Bring the freshly loaded backbone to the state after ``tasks`` (their images are empty)."""
         raise NotImplementedError
 
+    def restore_token_rows(self, state: dict[str, torch.Tensor], tasks: list[Task]) -> dict[int, torch.Tensor]:
+        """Re-add each finished task's concept token with its stored row ``task{i}.token``; returns the rows."""
+        rows = {}
+        for task in tasks:
+            row = state[f"task{task.index}.token"]
+            self.model.add_concept_token(task.token, init=row)
+            rows[task.index] = row.detach().clone()
+        return rows
+
     # ---------------------------------------------------------------- counts (N_train, N_store)
     def n_trained(self) -> int:
         """Parameters trained in one task."""

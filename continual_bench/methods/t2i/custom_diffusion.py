@@ -115,10 +115,7 @@ class CustomDiffusion(T2IMethod):
         return state
 
     def load_state(self, state: dict[str, torch.Tensor], tasks: list[Task]) -> None:
-        for task in tasks:
-            row = state[f"task{task.index}.token"]
-            self.model.add_concept_token(task.token, init=row)
-            self.rows[task.index] = row.detach().clone()
+        self.rows.update(self.restore_token_rows(state, tasks))
         with torch.no_grad():
             for n, w in self.kv_weights().items():
                 w.copy_(state[f"kv.{n}"])

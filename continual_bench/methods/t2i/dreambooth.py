@@ -143,10 +143,7 @@ class DreamBooth(T2IMethod):
         return state
 
     def load_state(self, state: dict[str, torch.Tensor], tasks: list[Task]) -> None:
-        for task in tasks:
-            row = state[f"task{task.index}.token"]
-            self.model.add_concept_token(task.token, init=row)
-            self.rows[task.index] = row.detach().clone()
+        self.rows.update(self.restore_token_rows(state, tasks))
         unet = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
         self.model.unet.load_state_dict(unet, strict=True)
         self.tasks_done = len(tasks)

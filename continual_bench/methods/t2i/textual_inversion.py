@@ -93,8 +93,5 @@ class TextualInversion(T2IMethod):
         return {f"task{i}.token": v.contiguous() for i, v in sorted(self.rows.items())}
 
     def load_state(self, state: dict[str, torch.Tensor], tasks: list[Task]) -> None:
-        for task in tasks:
-            row = state[f"task{task.index}.token"]
-            self.model.add_concept_token(task.token, init=row)
-            self.rows[task.index] = row.detach().clone()
+        self.rows.update(self.restore_token_rows(state, tasks))
         self.tasks_done = len(tasks)
