@@ -103,7 +103,7 @@ def cmd_generate(a):
     from .evaluation.t2i_eval import generate_run
 
     generate_run(_spec(a), a.ckpt_dir, a.out, n_samples=a.n_samples, steps=a.sample_steps, guidance=a.guidance,
-                 full_matrix=a.full_matrix)
+                 full_matrix=a.full_matrix, text_templates=a.text_template)
 
 
 def cmd_evaluate(a):
@@ -313,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--full-matrix", action="store_true")
+    p.add_argument("--text-template", action="append", default=[],
+                   help="a held-out prompt for CLIP text alignment, with {prompt} for the concept's prompt (repeatable)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("evaluate", help="metrics of a run's samples")

@@ -8,6 +8,15 @@ model (t = 0) and after the last task, for relevant-concept forgetting (LFS-Diff
 Samples go to one ``samples.npz`` (keys ``after{t}_concept{k}`` and ``after{t}_generic``, uint8
 N x H x W x 3).
 
+Held-out prompts (``text_templates``, e.g. ``"{prompt} on the beach"``): CLIP text alignment is meant to
+be measured on prompts the concept was not trained with (Custom Diffusion sec. 5, C-LoRA's ``clip_t``).
+When templates are given, every concept sample set also gets ``n_samples`` more images split evenly over
+the templates, each filled with the method's own prompt for the concept (keys
+``after{t}_concept{k}_text{i}``; the templates themselves are stored under ``text_templates``); KID and
+image alignment stay on the training prompt's samples, and ``clip_t`` of a held-out sample is the cosine
+with its template filled with the concept's class text instead of the token. Without templates (the toy
+default: the toy text encoder knows only the toy captions), ``clip_t`` uses the training prompt's samples.
+
 ``evaluate_run``: judge features of samples and real images -> R[t][k] for KID, CLIP image alignment,
 CLIP text alignment and (toy world) oracle accuracy -> ``R.csv`` (long; generic rows have
 concept_index 0) and ``metrics.csv`` (P/A/F per metric, relevant-concept forgetting ``Frel_*``,
@@ -44,6 +53,26 @@ def parse_sample_key(key: str) -> tuple[int, int]:
     return int(t), 0 if rest == "generic" else int(rest.removeprefix("concept"))
 
 
+def text_key(t: int, k: int, i: int) -> str:
+    """Samples of concept ``k`` after task ``t`` from held-out text template ``i``."""
+    return f"{sample_key(t, k)}_text{i}"
+
+
+TEXT_TEMPLATES_KEY = "text_templates"
+
+
+def check_templates(templates) -> list[str]:
+    templates = list(templates or [])
+    for tpl in templates:
+        if not isinstance(tpl, str) or "{prompt}" not in tpl or tpl.replace("{prompt}", "").count("{"):
+            raise UserError(f"evaluation.text_templates: {tpl!r} must contain {{prompt}} and no other braces")
+    return templates
+
+
+def split_evenly(n: int, parts: int) -> list[int]:
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
 def generic_prompt(class_word: str) -> str:
     """The relevant-concept prompt: the class word and no concept token (LFS-Diffusion's "a photo of a cat")."""
     return f"a photo of a {class_word}" if class_word else "a photo"
@@ -57,11 +86,15 @@ def pairs_to_generate(n_tasks: int, full_matrix: bool) -> list[tuple[int, int]]:
 
 
 def generate_run(spec: RunSpec, ckpt_root: str | Path, out_npz: str | Path, *, n_samples: int = 48,
-                 steps: int = 25, guidance: float = 5.0, full_matrix: bool = False) -> dict[str, np.ndarray]:
+                 steps: int = 25, guidance: float = 5.0, full_matrix: bool = False,
+                 text_templates: list[str] | None = None) -> dict[str, np.ndarray]:
     ckpt_dir = spec.checkpoint_dir(ckpt_root)
     if not (ckpt_dir / f"task_{spec.n_tasks:03d}" / "meta.json").is_file():
         raise UserError(f"{ckpt_dir}: no checkpoint of task {spec.n_tasks}; run the train step with the same settings")
     T = spec.n_tasks
+    templates = check_templates(text_templates)
+    if templates and n_samples < len(templates):
+        raise UserError(f"evaluation.n_samples={n_samples} is smaller than the {len(templates)} text templates")
     pairs = pairs_to_generate(T, full_matrix) + [(0, 0), (T, 0)]
     generic = generic_prompt(spec.tasks[0].class_word)
     out: dict[str, np.ndarray] = {}
@@ -74,6 +107,14 @@ def generate_run(spec: RunSpec, ckpt_root: str | Path, out_npz: str | Path, *, n
             kw = dict(seed=stable_seed("generate", spec.seed, k), steps=steps, guidance=guidance)
             out[sample_key(t, k)] = (method.generate_prompt(generic, n_samples, **kw) if k == 0 else
                                      method.generate(spec.tasks[k - 1], n_samples, **kw))
+            if k == 0:
+                continue
+            for i, (tpl, n_i) in enumerate(zip(templates, split_evenly(n_samples, len(templates)))):
+                prompt = tpl.format(prompt=method.prompt(spec.tasks[k - 1]))
+                out[text_key(t, k, i)] = method.generate_prompt(
+                    prompt, n_i, **{**kw, "seed": stable_seed("generate-text", spec.seed, k, i)})
+    if templates:
+        out[TEXT_TEMPLATES_KEY] = np.array(templates)
     # the same seed per concept at every t: differences between R[t][k] and R[k][k] come from the model only
     with atomic_path(out_npz, suffix=".npz") as tmp:
         np.savez_compressed(tmp, **out)
@@ -118,6 +159,8 @@ def evaluate_run(*, train_json: str | Path, samples_npz: str | Path, data_dir: s
         samples = dict(np.load(samples_npz))
     except (OSError, ValueError) as e:
         raise UserError(f"{samples_npz}: unreadable samples file ({e})") from None
+    templates = [str(x) for x in samples.pop(TEXT_TEMPLATES_KEY, [])]
+    held_out = {key: samples.pop(key) for key in [k for k in samples if "_text" in k]}
     real_feats_of: dict[str, torch.Tensor] = {}  # judge features of each reference set, computed once
     real_kid_of: dict[str, torch.Tensor] = {}  # KID features (Inception in the paper profile; else the same)
     text_feats_of: dict[str, torch.Tensor] = {}
@@ -142,6 +185,13 @@ def evaluate_run(*, train_json: str | Path, samples_npz: str | Path, data_dir: s
         vals = {"mmd": M.kid(real_kid_of[concept], fake_kid, seed=stable_seed("kid", t, k)),
                 "clip": M.clip_image_alignment(real_feats, fake_feats),
                 "clip_t": M.clip_text_alignment(text_feats_of[concept], fake_feats)}
+        parts = [(held_out[text_key(t, k, i)], tpl) for i, tpl in enumerate(templates) if text_key(t, k, i) in held_out]
+        if k and parts:  # held-out prompts: each sample against its own template, filled with the class text
+            text = concept_text(ds, concept, class_word)
+            scores = [(M.clip_text_alignment(judge.text_features([tpl.format(prompt=text)]),
+                                             judge.image_features(_to_tensor(imgs), normalize=False)), len(imgs))
+                      for imgs, tpl in parts]
+            vals["clip_t"] = float(sum(v * n for v, n in scores) / sum(n for _, n in scores))
         if oracle is not None:
             preds = oracle.predict(fake)
             if k:

@@ -27,7 +27,8 @@ def sample_grid_from_npz(samples_npz, train_info: dict, out_path, title: str, pe
     T = len(train_info["sequence"])
     first = samples[next(iter(samples.files))]
     cell = tile(first, per_cell)
-    keys = {parse_sample_key(key): key for key in samples.files}
+    # the training prompt's samples only (held-out text-template samples and the template list are skipped)
+    keys = {parse_sample_key(key): key for key in samples.files if key.startswith("after") and "_text" not in key}
     with_generic = any(k == 0 for _, k in keys)
     n_rows = T + int(with_generic)
     grid = np.zeros((n_rows, T + 1) + cell.shape, np.uint8)

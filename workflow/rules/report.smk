@@ -27,7 +27,7 @@ rule run_config:
     log:
         f"{LOGS}/config.log",
     params:
-        cfg=json.dumps(config, sort_keys=True),
+        cfg=lambda w: json.dumps(config, sort_keys=True),  # a function: Snakemake formats string params (braces)
     conda:
         CONDA_ENV
     shell:

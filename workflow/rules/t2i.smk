@@ -1,3 +1,5 @@
+import shlex
+
 # Continual customization runs: train (resumable, one checkpoint per task) -> generate -> evaluate.
 # Checkpoints live next to train.json but are not declared outputs, so Snakemake never deletes them
 # when a job is killed: the rerun resumes at the first task without a checkpoint.
@@ -46,6 +48,8 @@ rule generate:
         ckpt=lambda w, output: Path(output[0]).with_name("checkpoints"),
         device=config["device"],
         full=lambda w: "--full-matrix" if config["evaluation"]["full_matrix"] else "",
+        # a function, not a string: Snakemake would format a string param and read {prompt} as a wildcard
+        text=lambda w: " ".join(f"--text-template {shlex.quote(t)}" for t in config["evaluation"]["text_templates"]),
         ev=config["evaluation"],
     threads: config["threads_per_run"]
     resources:
@@ -58,7 +62,7 @@ rule generate:
         "--method {wildcards.method} --n-tasks {wildcards.n_tasks} --seed {wildcards.seed} "
         "--settings {params.settings:q} --ckpt-dir {params.ckpt} --device {params.device} "
         "--out {output} --n-samples {params.ev[n_samples]} "
-        "--sample-steps {params.ev[sample_steps]} --guidance {params.ev[guidance]} {params.full} 2> {log}"
+        "--sample-steps {params.ev[sample_steps]} --guidance {params.ev[guidance]} {params.full} {params.text} 2> {log}"
 
 
 rule evaluate:
@@ -79,7 +83,7 @@ rule evaluate:
         data=lambda w: data_dir(w.benchmark),
         judge=lambda w: judge_dir(w),
         oracle=lambda w, input: f"--oracle {Path(input.oracle).parent}" if input.oracle else "",
-        ev=eval_settings(),
+        ev=lambda w: eval_settings(),  # a function: the settings hold "{prompt}" templates, not wildcards
     threads: config["threads_per_run"]
     conda:
         CONDA_ENV

@@ -44,7 +44,7 @@ rule toy_vae:
         data=lambda w, input: toy_dirs(input),
         out=lambda w, output: Path(output[0]).parent,
         steps=toy("vae_steps"),
-    priority: 10  # the critical path: pretraining the backbone
+    priority: 100  # the critical path: pretraining the backbone (Snakemake sums priorities over jobs that could run together: 10 tied with two priority-5 jobs)
     threads: 1  # runs beside the text encoder, judge and oracles
     conda:
         CONDA_ENV
@@ -65,7 +65,7 @@ rule toy_text_encoder:
         tok=lambda w, input: Path(input.tok).parent,
         out=lambda w, output: Path(output[0]).parent,
         steps=toy("text_encoder_steps"),
-    priority: 10  # the critical path: pretraining the backbone
+    priority: 100  # the critical path: pretraining the backbone (Snakemake sums priorities over jobs that could run together: 10 tied with two priority-5 jobs)
     threads: 1
     conda:
         CONDA_ENV
@@ -92,7 +92,7 @@ rule toy_t2i:
         out=lambda w, output: Path(output[0]).parent,
         steps=toy("t2i_steps"),
         batch=toy("t2i_batch_size"),
-    priority: 10  # the critical path: pretraining the backbone
+    priority: 100  # the critical path: pretraining the backbone (Snakemake sums priorities over jobs that could run together: 10 tied with two priority-5 jobs)
     threads: workflow.cores
     conda:
         CONDA_ENV
