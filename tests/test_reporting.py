@@ -111,7 +111,7 @@ def test_bad_files_raise_user_error(tmp_path):
 def test_tables_latex_bold_escape_and_welch(tmp_path):
     per_seed = long_frame()
     written = write_tables(summarize(per_seed), tmp_path / "tables", per_seed_df=per_seed)
-    assert [p.name for p in written] == ["toy_faces_T5.csv", "toy_faces_T5.tex"]
+    assert [p.name for p in written] == ["toy_faces_T5.csv", "toy_faces_T5.tex", "toy_faces_T5.html"]
     tex = written[1].read_text()
 
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
@@ -130,6 +130,20 @@ def test_tables_latex_bold_escape_and_welch(tmp_path):
     assert r"\underline{0.60" not in tex and r"0.60 $\pm$ 0.10" in tex
     # parameter counts compact, no std, no bold (no direction)
     assert "1.2M" in tex and "85.0K" in tex and r"\textbf{1.2M}" not in tex
+
+    # the HTML twin (shown inline by `snakemake --report`): the same cells and marks as CSS, no LaTeX
+    import re
+
+    page = written[2].read_text()
+    assert "\\" not in page and "$" not in page and "toy_faces, 5 tasks, mean \u00b1 std over 3 seeds" in page
+    assert "A_clip \u2191" in page and "A_mmd \u2193" in page and "Welch" in page
+    styled = {sel.strip().lstrip("#"): props.strip()
+              for sels, props in re.findall(r"(#T_\w+_row\d+_col\d+(?:, #T_\w+_row\d+_col\d+)*) \{([^}]*)\}", page)
+              for sel in sels.split(",")}
+    cell = lambda text: re.search(r'id="(T_\w+_row\d+_col\d+)"[^>]*>' + re.escape(text) + "<", page).group(1)
+    assert styled[cell("12.00 \u00b1 2.00")].startswith("font-weight: bold")
+    assert styled[cell("14.00 \u00b1 3.61")].startswith("text-decoration: underline")
+    assert cell("0.60 \u00b1 0.10") not in styled
 
     wide = pd.read_csv(written[0])
     assert list(wide.columns) == ["method", "N_train", "N_train_std", "A_mmd", "A_mmd_std", "A_clip", "A_clip_std",

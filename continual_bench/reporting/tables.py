@@ -13,6 +13,7 @@ methods have >= 2 seeds.
 """
 from __future__ import annotations
 
+import html
 import math
 import re
 import warnings
@@ -35,6 +36,16 @@ ALPHA = 0.05
 ARROW = {"max": r" $\uparrow$", "min": r" $\downarrow$", None: ""}
 BOLD = "textbf:--rwrap;"
 UNDERLINE = "underline:--rwrap;"
+HTML_STYLE = {BOLD: "font-weight: bold;", UNDERLINE: "text-decoration: underline;"}
+HTML_ARROW = {"max": " \u2191", "min": " \u2193", None: ""}
+HTML_TABLE_STYLES = [  # booktabs-like rules; the HTML version is what `snakemake --report` shows inline
+    {"selector": "", "props": "border-collapse: collapse; font-family: sans-serif; font-size: 13px;"},
+    {"selector": "caption", "props": "caption-side: top; font-weight: bold; padding: 6px;"},
+    {"selector": "thead", "props": "border-top: 2px solid black; border-bottom: 1px solid black;"},
+    {"selector": "tbody", "props": "border-bottom: 2px solid black;"},
+    {"selector": "th, td", "props": "padding: 3px 10px; text-align: center;"},
+    {"selector": "th.row_heading", "props": "text-align: left;"},
+]
 
 _LATEX_SPECIAL = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -145,9 +156,14 @@ def _caption(benchmark: str, n_tasks, n_seeds: pd.Series) -> str:
     return f"{latex_escape(benchmark)}, {tasks}, mean $\\pm$ std over {seeds}"
 
 
+def _plain(latex_text: str) -> str:
+    """A LaTeX caption as plain text for the HTML table."""
+    return latex_text.replace("$\\pm$", "\u00b1").replace("--", "\u2013").replace("\\_", "_").replace("\\&", "&")
+
+
 def _styled_latex(mean: pd.DataFrame, std: pd.DataFrame, metric_of, seeds_of, ref_cells: pd.DataFrame | None,
-                  *, caption: str, label: str, header: str) -> str:
-    """Booktabs LaTeX of a methods x columns table through pandas Styler.
+                  *, caption: str, label: str, header: str) -> tuple[str, str]:
+    """Booktabs LaTeX and an HTML twin of a methods x columns table through pandas Styler.
 
     ``mean``/``std``: methods x column keys; ``metric_of(col)`` names a column's metric (for its format and
     direction); ``seeds_of(col)`` gives the per-seed long table of that column (Welch) or None.
@@ -171,14 +187,30 @@ def _styled_latex(mean: pd.DataFrame, std: pd.DataFrame, metric_of, seeds_of, re
         cells = pd.concat([cells, ref_cells[cols]])
         css = pd.concat([css, pd.DataFrame("", index=ref_cells.index, columns=cols)])
 
-    def head(c):
+    def head(c, html=False):
         m = metric_of(c)
-        name = latex_escape(m) + ARROW[direction(m)]
+        name = m + HTML_ARROW[direction(m)] if html else latex_escape(m) + ARROW[direction(m)]
         return (f"{c[0]} tasks", name) if isinstance(c, tuple) else name
 
-    heads = [head(c) for c in cols]
     multi = isinstance(cols[0], tuple)
-    cells.columns = css.columns = pd.MultiIndex.from_tuples(heads) if multi else pd.Index(heads)
+
+    def columns(html):
+        heads = [head(c, html) for c in cols]
+        return pd.MultiIndex.from_tuples(heads) if multi else pd.Index(heads)
+
+    html_cells, html_css = cells.map(lambda v: _plain(v) if isinstance(v, str) else v), css.replace(HTML_STYLE)
+    html_cells.columns = html_css.columns = columns(True)
+    html_cells.columns.names = [None, "Method"] if multi else ["Method"]
+    html_styler = (html_cells.style.apply(lambda _: html_css.values, axis=None).format_index(escape="html", axis=0)
+                   .set_caption(_plain(caption))
+                   .set_table_styles(HTML_TABLE_STYLES))
+    if len(html_cells) > n_own:  # a rule above the reported rows
+        html_styler = html_styler.set_table_styles(
+            {html_cells.index[n_own]: [{"selector": sel, "props": "border-top: 1px solid black;"} for sel in ("th", "td")]},
+            axis=1, overwrite=False)
+    notes = "".join(f"<p>{html.escape(line.lstrip('% '))}</p>" for line in header.splitlines())
+    html_out = notes + html_styler.to_html(exclude_styles=False)
+    cells.columns = css.columns = columns(False)
     cells.columns.names = [None, "Method"] if multi else ["Method"]
     styler = cells.style.apply(lambda _: css.values, axis=None)
     styler = styler.format_index(escape="latex", axis=0)
@@ -190,7 +222,7 @@ def _styled_latex(mean: pd.DataFrame, std: pd.DataFrame, metric_of, seeds_of, re
         i = next(i for i, ln in enumerate(lines) if ln.startswith(first_ref))
         lines.insert(i, r"\midrule")
         tex = "\n".join(lines) + "\n"
-    return header + tex
+    return header + tex, html_out
 
 
 def _header(track: str, what: str, per_seed: bool, ref: pd.DataFrame | None) -> str:
@@ -263,14 +295,16 @@ def write_tables(summary_df: pd.DataFrame, out_dir: Path, per_seed_df: pd.DataFr
         csv_path = out_dir / f"{stem}.csv"
         with atomic_path(csv_path) as tmp:
             _wide_csv(group, methods, metrics, ref).to_csv(tmp, index=False)
-        tex = _styled_latex(mean, std, lambda c: c, lambda c: per_seed,
+        tex, html_table = _styled_latex(mean, std, lambda c: c, lambda c: per_seed,
                             _ref_cells(ref, metrics, lambda c: c, lambda c: n_tasks, benchmark),
                             caption=_caption(benchmark, n_tasks, group["n_seeds"]),
                             label=f"tab:{benchmark}_T{n_tasks}",
                             header=_header(track, f"{benchmark} / T={n_tasks}", per_seed is not None, ref))
         tex_path = out_dir / f"{stem}.tex"
         atomic_write_text(tex_path, tex)
-        written += [csv_path, tex_path]
+        html_path = out_dir / f"{stem}.html"
+        atomic_write_text(html_path, html_table)
+        written += [csv_path, tex_path, html_path]
 
     for benchmark, group in summary_df[summary_df.track == "cls"].groupby("benchmark", sort=True):
         written += _write_combined(group, benchmark, out_dir, seeds, reference_for(reference_df, "cls", benchmark))
@@ -313,10 +347,12 @@ def _write_combined(group: pd.DataFrame, benchmark: str, out_dir: Path, seeds, r
     with atomic_path(csv_path) as tmp:
         flat.to_csv(tmp, index=False)
     n_seeds = group["n_seeds"]
-    tex = _styled_latex(mean, std, lambda c: c[1], lambda c: seeds("cls", benchmark, c[0]),
+    tex, html_table = _styled_latex(mean, std, lambda c: c[1], lambda c: seeds("cls", benchmark, c[0]),
                         _ref_cells(ref, cols, lambda c: c[1], lambda c: c[0], benchmark),
                         caption=_caption(benchmark, lengths, n_seeds), label=f"tab:{benchmark}_combined",
                         header=_header("cls", f"{benchmark} / T={lengths}", seeds("cls", benchmark, lengths[0]) is not None, ref))
     tex_path = out_dir / f"{benchmark}_combined.tex"
     atomic_write_text(tex_path, tex)
-    return [csv_path, tex_path]
+    html_path = out_dir / f"{benchmark}_combined.html"
+    atomic_write_text(html_path, html_table)
+    return [csv_path, tex_path, html_path]

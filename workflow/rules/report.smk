@@ -6,8 +6,9 @@ rule tables:
     input:
         run_targets("{results}/runs/{benchmark}/T{n_tasks}/{method}/seed{seed}/metrics.csv"),
     output:
-        summary=report(f"{RESULTS}/summary.csv", category="Results", labels={"table": "summary (mean, std over seeds)"}),
-        tables=report(directory(f"{RESULTS}/tables"), patterns=["{name}.csv"], category="Results",
+        summary=report(f"{RESULTS}/summary.csv", category="Results", labels={"table": "summary.csv (download)"}),
+        # the HTML twins: the report shows them inline (a CSV would only be offered as a download)
+        tables=report(directory(f"{RESULTS}/tables"), patterns=["{name}.html"], category="Results",
                       labels={"table": "{name}"}),
         figures=report(directory(f"{RESULTS}/figures/summary"), patterns=["{name}.png"], category="Figures",
                        labels={"figure": "{name}"}),
