@@ -144,6 +144,8 @@ def test_tables_latex_bold_escape_and_welch(tmp_path):
     assert styled[cell("12.00 \u00b1 2.00")].startswith("font-weight: bold")
     assert styled[cell("14.00 \u00b1 3.61")].startswith("text-decoration: underline")
     assert cell("0.60 \u00b1 0.10") not in styled
+    write_tables(summarize(per_seed), tmp_path / "again", per_seed_df=per_seed)
+    assert (tmp_path / "again" / "toy_faces_T5.html").read_bytes() == page.encode()  # no random ids
 
     wide = pd.read_csv(written[0])
     assert list(wide.columns) == ["method", "N_train", "N_train_std", "A_mmd", "A_mmd_std", "A_clip", "A_clip_std",

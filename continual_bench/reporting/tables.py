@@ -203,6 +203,7 @@ def _styled_latex(mean: pd.DataFrame, std: pd.DataFrame, metric_of, seeds_of, re
     html_cells.columns.names = [None, "Method"] if multi else ["Method"]
     html_styler = (html_cells.style.apply(lambda _: html_css.values, axis=None).format_index(escape="html", axis=0)
                    .set_caption(_plain(caption))
+                   .set_uuid(re.sub(r"\W", "_", label))  # a fixed id: regenerated tables are byte-identical
                    .set_table_styles(HTML_TABLE_STYLES))
     if len(html_cells) > n_own:  # a rule above the reported rows
         html_styler = html_styler.set_table_styles(
