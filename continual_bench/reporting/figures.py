@@ -31,7 +31,7 @@ def _save(fig: Figure, out_path: Path, pdf: bool) -> list[Path]:
         with atomic_path(path) as tmp:
             # no creation date in the PDF: regenerating the figures from the same metrics gives the same bytes
             meta = {"CreationDate": None} if fmt == "pdf" else {}
-            fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight", metadata=meta)
+            fig.savefig(tmp, format=fmt, dpi=150, metadata=meta)  # constrained layout sets the margins
         written.append(path)
     return written
 
