@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,20 @@ for var, sub in (("HF_HOME", "huggingface"), ("TORCH_HOME", "torch"), ("XDG_CACH
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("CONTINUAL_BENCH_NO_TQDM", "1")
 torch.set_num_threads(1)
+
+# No test reaches the network beyond this machine: the fake archives name real hosts (the real layouts), and the
+# fetchers rewrite them to the 127.0.0.1 mirror; a connection anywhere else fails loudly instead of leaking out.
+_LOCAL_HOSTS = {"127.0.0.1", "::1", "localhost"}
+_connect = socket.socket.connect
+
+
+def _local_only_connect(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in _LOCAL_HOSTS:
+        raise ConnectionRefusedError(f"tests may only connect to 127.0.0.1, not {address[0]!r}")
+    return _connect(self, address)
+
+
+socket.socket.connect = _local_only_connect
 
 
 @pytest.fixture(scope="session")

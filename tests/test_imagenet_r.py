@@ -1,4 +1,5 @@
 """ImageNet-R split files (CODA-Prompt's) and their preparation into the classification layout."""
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,9 @@ from continual_bench.data.imagenet_r import label_to_wnid, prepare_imagenet_r, r
 from continual_bench.utils import UserError
 
 REPO = Path(__file__).resolve().parent.parent
-CANDIDATES = [REPO.parent / "shared" / "data" / "imagenet-r-splits", Path("/work/shared/data/imagenet-r-splits")]
+# the checkout's sibling shared/ folder, or wherever CONTINUAL_BENCH_IMAGENET_R_SPLITS points
+CANDIDATES = [REPO.parent / "shared" / "data" / "imagenet-r-splits",
+              *([Path(os.environ["CONTINUAL_BENCH_IMAGENET_R_SPLITS"])] if os.environ.get("CONTINUAL_BENCH_IMAGENET_R_SPLITS") else [])]
 SPLITS = next((p for p in CANDIDATES if (p / "imagenet-r_train.yaml").is_file()), None)
 
 
