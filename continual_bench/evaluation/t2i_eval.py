@@ -163,7 +163,7 @@ def evaluate_run(*, train_json: str | Path, samples_npz: str | Path, data_dir: s
     held_out = {key: samples.pop(key) for key in [k for k in samples if "_text" in k]}
     real_feats_of: dict[str, torch.Tensor] = {}  # judge features of each reference set, computed once
     real_kid_of: dict[str, torch.Tensor] = {}  # KID features (Inception in the paper profile; else the same)
-    text_feats_of: dict[str, torch.Tensor] = {}
+    text_feats_of: dict = {}  # concept (its caption) or (concept, held-out template) -> text features
     # KID on the judge's own image features unless it carries a KID extractor (the paper judge's Inception)
     kid_features = judge.kid_features if getattr(judge, "kid_extractor", None) is not None else None
     rows = []
@@ -187,10 +187,13 @@ def evaluate_run(*, train_json: str | Path, samples_npz: str | Path, data_dir: s
                 "clip_t": M.clip_text_alignment(text_feats_of[concept], fake_feats)}
         parts = [(held_out[text_key(t, k, i)], tpl) for i, tpl in enumerate(templates) if text_key(t, k, i) in held_out]
         if k and parts:  # held-out prompts: each sample against its own template, filled with the class text
-            text = concept_text(ds, concept, class_word)
-            scores = [(M.clip_text_alignment(judge.text_features([tpl.format(prompt=text)]),
-                                             judge.image_features(_to_tensor(imgs), normalize=False)), len(imgs))
-                      for imgs, tpl in parts]
+            scores = []
+            for imgs, tpl in parts:
+                if (concept, tpl) not in text_feats_of:
+                    filled = tpl.format(prompt=concept_text(ds, concept, class_word))
+                    text_feats_of[concept, tpl] = judge.text_features([filled])
+                feats = judge.image_features(_to_tensor(imgs), normalize=False)
+                scores.append((M.clip_text_alignment(text_feats_of[concept, tpl], feats), len(imgs)))
             vals["clip_t"] = float(sum(v * n for v, n in scores) / sum(n for _, n in scores))
         if oracle is not None:
             preds = oracle.predict(fake)

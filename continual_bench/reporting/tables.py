@@ -161,7 +161,7 @@ def _plain(latex_text: str) -> str:
     return latex_text.replace("$\\pm$", "\u00b1").replace("--", "\u2013").replace("\\_", "_").replace("\\&", "&")
 
 
-def _styled_latex(mean: pd.DataFrame, std: pd.DataFrame, metric_of, seeds_of, ref_cells: pd.DataFrame | None,
+def _styled_tables(mean: pd.DataFrame, std: pd.DataFrame, metric_of, seeds_of, ref_cells: pd.DataFrame | None,
                   *, caption: str, label: str, header: str) -> tuple[str, str]:
     """Booktabs LaTeX and an HTML twin of a methods x columns table through pandas Styler.
 
@@ -224,6 +224,13 @@ def _styled_latex(mean: pd.DataFrame, std: pd.DataFrame, metric_of, seeds_of, re
         lines.insert(i, r"\midrule")
         tex = "\n".join(lines) + "\n"
     return header + tex, html_out
+
+
+def _write_tex_html(out_dir: Path, stem: str, tex: str, html_table: str) -> list[Path]:
+    paths = [out_dir / f"{stem}.tex", out_dir / f"{stem}.html"]
+    for path, text in zip(paths, (tex, html_table)):
+        atomic_write_text(path, text)
+    return paths
 
 
 def _header(track: str, what: str, per_seed: bool, ref: pd.DataFrame | None) -> str:
@@ -296,16 +303,12 @@ def write_tables(summary_df: pd.DataFrame, out_dir: Path, per_seed_df: pd.DataFr
         csv_path = out_dir / f"{stem}.csv"
         with atomic_path(csv_path) as tmp:
             _wide_csv(group, methods, metrics, ref).to_csv(tmp, index=False)
-        tex, html_table = _styled_latex(mean, std, lambda c: c, lambda c: per_seed,
+        tex, html_table = _styled_tables(mean, std, lambda c: c, lambda c: per_seed,
                             _ref_cells(ref, metrics, lambda c: c, lambda c: n_tasks, benchmark),
                             caption=_caption(benchmark, n_tasks, group["n_seeds"]),
                             label=f"tab:{benchmark}_T{n_tasks}",
                             header=_header(track, f"{benchmark} / T={n_tasks}", per_seed is not None, ref))
-        tex_path = out_dir / f"{stem}.tex"
-        atomic_write_text(tex_path, tex)
-        html_path = out_dir / f"{stem}.html"
-        atomic_write_text(html_path, html_table)
-        written += [csv_path, tex_path, html_path]
+        written += [csv_path, *_write_tex_html(out_dir, stem, tex, html_table)]
 
     for benchmark, group in summary_df[summary_df.track == "cls"].groupby("benchmark", sort=True):
         written += _write_combined(group, benchmark, out_dir, seeds, reference_for(reference_df, "cls", benchmark))
@@ -348,12 +351,8 @@ def _write_combined(group: pd.DataFrame, benchmark: str, out_dir: Path, seeds, r
     with atomic_path(csv_path) as tmp:
         flat.to_csv(tmp, index=False)
     n_seeds = group["n_seeds"]
-    tex, html_table = _styled_latex(mean, std, lambda c: c[1], lambda c: seeds("cls", benchmark, c[0]),
+    tex, html_table = _styled_tables(mean, std, lambda c: c[1], lambda c: seeds("cls", benchmark, c[0]),
                         _ref_cells(ref, cols, lambda c: c[1], lambda c: c[0], benchmark),
                         caption=_caption(benchmark, lengths, n_seeds), label=f"tab:{benchmark}_combined",
                         header=_header("cls", f"{benchmark} / T={lengths}", seeds("cls", benchmark, lengths[0]) is not None, ref))
-    tex_path = out_dir / f"{benchmark}_combined.tex"
-    atomic_write_text(tex_path, tex)
-    html_path = out_dir / f"{benchmark}_combined.html"
-    atomic_write_text(html_path, html_table)
-    return [csv_path, tex_path, html_path]
+    return [csv_path, *_write_tex_html(out_dir, f"{benchmark}_combined", tex, html_table)]
