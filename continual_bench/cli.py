@@ -51,9 +51,11 @@ def cmd_write_tokenizer(a):
 
 
 def cmd_pretrain_vae(a):
+    from .backbones.t2i import ToyT2IConfig
     from .backbones.toy_pretrain import pretrain_vae
 
-    pretrain_vae(a.data, a.out, steps=a.steps, batch_size=a.batch_size, seed=a.seed)
+    pretrain_vae(a.data, a.out, steps=a.steps, batch_size=a.batch_size, seed=a.seed,
+                 cfg=ToyT2IConfig.for_latent_size(a.latent_size))
 
 
 def cmd_pretrain_text_encoder(a):
@@ -288,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         if name in ("pretrain-t2i", "pretrain-text-encoder"):
             p.add_argument("--tokenizer", required=True)
+        if name == "pretrain-vae":
+            p.add_argument("--latent-size", type=int, default=8, choices=(8, 16))
         if name == "pretrain-t2i":
             p.add_argument("--vae", required=True)
             p.add_argument("--text-encoder", required=True)

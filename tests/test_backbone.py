@@ -69,3 +69,29 @@ def test_toy_schedule_zero_terminal_snr_and_v_target():
     assert torch.equal(diffusion_target(eps_sched, x0, eps, t), eps)
     with pytest.raises(UserError, match="sample"):
         diffusion_target(DDPMScheduler(prediction_type="sample"), x0, eps, t)
+
+
+@pytest.mark.parametrize("latent_size, vae_levels, channels, attn_levels",
+                         [(8, 3, 8, ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]),
+                          (16, 2, 4, ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"])])
+def test_toy_worlds_latent_shape_and_attention_levels(latent_size, vae_levels, channels, attn_levels):
+    """toy.latent_size 8 (default): 32x32 -> 8x8x8, attention on the 4x4 and 2x2 UNet levels; 16: the earlier
+    world (16x16x4, attention on 8x8 and 4x4). Either way the highest-resolution level has none."""
+    cfg = t2i.ToyT2IConfig.for_latent_size(latent_size)
+    vae = t2i.build_toy_vae(cfg)
+    assert len(vae.config.block_out_channels) == vae_levels
+    with torch.no_grad():
+        lat = vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean
+    assert tuple(lat.shape) == (1, channels, latent_size, latent_size)
+    unet = t2i.build_toy_unet(cfg, latent_size)
+    assert list(unet.config.down_block_types) == attn_levels
+    assert list(unet.config.up_block_types) == [b.replace("Down", "Up") for b in reversed(attn_levels)]
+    assert unet(lat, torch.tensor([10]), torch.zeros(1, 4, cfg.text_width)).sample.shape == lat.shape
+
+
+def test_toy_unet_refuses_a_config_without_cross_attention():
+    cfg = t2i.ToyT2IConfig(unet_channels=(32, 64), attention_max_resolution=2)
+    with pytest.raises(UserError, match="no level of 16x16"):
+        t2i.build_toy_unet(cfg, 16)
+    with pytest.raises(UserError, match="latent_size 12"):
+        t2i.ToyT2IConfig.for_latent_size(12)

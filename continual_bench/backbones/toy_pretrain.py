@@ -2,7 +2,7 @@
 
 Three stages, each a DAG rule:
 
-1. ``pretrain_vae``: a tiny ``AutoencoderKL`` (32x32x3 <-> 16x16x4) on the generic images, MSE + a small KL
+1. ``pretrain_vae``: a tiny ``AutoencoderKL`` (32x32x3 <-> 8x8x8) on the generic images, MSE + a small KL
    term (Stable Diffusion's VAE adds perceptual and adversarial losses; at 32x32 on flat cartoon images MSE
    suffices). Its ``scaling_factor`` is set to 1/std of the latents, as SD's 0.18215 was.
 2. ``pretrain_text_encoder``: a tiny transformers ``CLIPModel`` trained contrastively on the generic images
@@ -163,7 +163,6 @@ def pretrain_t2i(data_dirs, vae_dir, tokenizer_dir, text_encoder_dir, out_dir, *
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
-    cfg = cfg or t2i.ToyT2IConfig()
     seed_everything(seed)
     x, captions = _generic_images(data_dirs)
     vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
@@ -174,6 +173,7 @@ def pretrain_t2i(data_dirs, vae_dir, tokenizer_dir, text_encoder_dir, out_dir, *
         mean = torch.cat([p.mean for p in params])
         std = torch.cat([p.std for p in params])
     latent_size = mean.shape[-1]
+    cfg = cfg or t2i.ToyT2IConfig.for_latent_size(latent_size)
     text_encoder = CLIPTextModel.from_pretrained(str(text_encoder_dir)).eval().requires_grad_(False)
     unet = t2i.build_toy_unet(cfg, latent_size)
     noise_sched = t2i.training_scheduler()
