@@ -46,7 +46,8 @@ def tiny_world(tmp_path_factory) -> Path:
 def tiny_cfg():
     from continual_bench.backbones.t2i import ToyT2IConfig
 
-    return ToyT2IConfig(vae_channels=(8, 16), text_width=32, text_layers=1, text_heads=2, unet_channels=(32, 32),
+    return ToyT2IConfig(vae_channels=(8, 16), latent_channels=4, attention_max_resolution=8, text_width=32,
+                        text_layers=1, text_heads=2, unet_channels=(32, 32),
                         attention_head_dim=16)
 
 
