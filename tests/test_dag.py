@@ -71,6 +71,24 @@ def test_second_run_has_nothing_to_do(dag):
     assert "Nothing to be done" in res.stdout + res.stderr
 
 
+@pytest.mark.parametrize("stats, first_rerun", [("sd-tiny/pretrain_stats.json", "train"),
+                                                 ("judge/train_stats.json", "evaluate")])
+def test_retrained_toy_model_invalidates_what_used_it(dag, stats, first_rerun):
+    """A retrained backbone (or judge) has new weights but the same config.json / model_index.json; the runs
+    must depend on a file that changes with every training, or Snakemake's checksum check keeps old runs."""
+    path = dag / "resources" / "toy" / stats
+    before, st = path.read_bytes(), path.stat()
+    try:
+        path.write_text(path.read_text().replace('"seconds":', '"seconds": 1, "was":'))
+        res = snakemake(dag, "-n")
+        out = res.stdout + res.stderr
+        assert f"rule {first_rerun}:" in out and "rule toy_t2i:" not in out and "rule toy_judge:" not in out
+    finally:
+        path.write_bytes(before)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(dag, "-n"))
+
+
 def test_bad_config_key_is_named(dag):
     res = snakemake(dag, "-n", "--config", "n_taks=[3]", check=False)
     assert res.returncode != 0 and "n_taks" in res.stdout + res.stderr

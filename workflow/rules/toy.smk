@@ -37,7 +37,7 @@ rule toy_vae:
     input:
         TOY_DATA,
     output:
-        f"{TOY}/vae/config.json",
+        f"{TOY}/vae/pretrain_stats.json",  # written last; its content changes with every training (see common.smk)
     log:
         "logs/toy/vae.log",
     params:
@@ -58,7 +58,7 @@ rule toy_text_encoder:
         TOY_DATA,
         tok=f"{TOY}/tokenizer/vocab.json",
     output:
-        f"{TOY}/text_encoder/config.json",
+        f"{TOY}/text_encoder/pretrain_stats.json",
     log:
         "logs/toy/text_encoder.log",
     params:
@@ -78,11 +78,11 @@ rule toy_text_encoder:
 rule toy_t2i:
     input:
         TOY_DATA,
-        vae=f"{TOY}/vae/config.json",
-        te=f"{TOY}/text_encoder/config.json",
+        vae=f"{TOY}/vae/pretrain_stats.json",
+        te=f"{TOY}/text_encoder/pretrain_stats.json",
         tok=f"{TOY}/tokenizer/vocab.json",
     output:
-        f"{TOY}/sd-tiny/model_index.json",
+        f"{TOY}/sd-tiny/pretrain_stats.json",
     log:
         "logs/toy/t2i.log",
     params:
@@ -108,9 +108,9 @@ rule toy_t2i:
 rule toy_judge:
     input:
         TOY_DATA,
-        after=f"{TOY}/vae/config.json",
+        after=f"{TOY}/vae/pretrain_stats.json",
     output:
-        f"{TOY}/judge/open_clip_config.json",
+        f"{TOY}/judge/train_stats.json",
     log:
         "logs/toy/judge.log",
     params:
@@ -127,7 +127,7 @@ rule toy_judge:
 rule toy_oracle:
     input:
         "data/toy/{benchmark}/manifest.csv",
-        after=f"{TOY}/vae/config.json",
+        after=f"{TOY}/vae/pretrain_stats.json",
     output:
         f"{TOY}/oracle/{{benchmark}}/oracle.json",
     log:
