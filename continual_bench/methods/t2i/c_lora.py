@@ -18,8 +18,8 @@ Customized tokens follow the paper: a new, randomly initialised embedding per co
 LoRA, and the prompt "a photo of <vK>" has no class word (all of this inherited from ``lora_sequential``).
 
 lambda: the paper uses 1e8 on Stable Diffusion. The penalty is fourth order in the weight updates, so
-its scale depends on the model's weight scale and the LoRA rank; the toy default 100 was chosen on a
-grid {0, 1, 10, 100, 1000} for the toy backbone (``config/toy_full.yaml`` documents the grid and the rule:
+its scale depends on the model's weight scale and the LoRA rank; the toy default 10 was chosen on a
+grid {0, 1, 10, 30, 50, 100, 1000} for the toy backbone (``config/toy_full.yaml`` documents the grid and the rule:
 the lowest forgetting among values whose plasticity is at least 0.8 x sequential LoRA's).
 The raw penalty is logged as ``penalty`` in the loss dict.
 """
@@ -36,7 +36,7 @@ from .lora_sequential import LoRASequential, LoRASettings, lora_delta, lora_pair
 
 @dataclass
 class CLoRASettings(LoRASettings):
-    lam: float = 100.0  # toy backbone, chosen on a grid (config/toy_full.yaml); paper profile: 1e8 (C-LoRA paper)
+    lam: float = 10.0  # toy backbone, chosen on a grid (config/toy_full.yaml); paper profile: 1e8 (C-LoRA paper)
 
 
 def c_lora_penalty(past_sum: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
