@@ -26,7 +26,7 @@ def cls_world(tmp_path_factory):
 
 def spec(world, method, **settings):
     return ClsRunSpec(backbone=world / "vit", data_dir=world / "toy_imagenet_r", method=method, n_tasks=2, seed=1,
-                      settings={"epochs": 2, "batch_size": 4, **settings}, device="cpu")
+                      settings={"epochs": 2, "batch_size": 4, "min_steps": 0, **settings}, device="cpu")
 
 
 def test_toy_world_layout(cls_world):
@@ -91,3 +91,18 @@ def test_toy_backbone_roundtrip(cls_world):
     assert bb.img_size == 32 and bb.embed_dim == 16 and not any(p.requires_grad for p in bb.parameters())
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(bb(x), load_vit(cls_world / "vit")(x))
+
+
+def test_min_steps_floor_adds_epochs_to_small_tasks(cls_world, tmp_path):
+    from continual_bench.engine.cls import task_epochs
+
+    assert task_epochs(15, 225, 15) == 15  # a 5-task toy task (8 classes): unchanged
+    assert task_epochs(15, 225, 4) == 57   # a 20-task toy task (2 classes): 57 epochs, 228 steps
+    assert task_epochs(15, 0, 4) == 15     # 0 = epochs only (paper profile)
+    # each task of this world: 2 classes x 2 images x 2 renditions = 8 images -> 2 batches of 4 per epoch
+    metas = train_sequence(spec(cls_world, "ft", min_steps=9), tmp_path)
+    assert [(m["epochs"], m["steps"]) for m in metas] == [(5, 10), (5, 10)]
+    metas = train_sequence(spec(cls_world, "ft"), tmp_path / "b")
+    assert [(m["epochs"], m["steps"]) for m in metas] == [(2, 4), (2, 4)]
+    with pytest.raises(UserError, match="min_steps >= 0"):
+        spec(cls_world, "ft", min_steps=-1)

@@ -4,11 +4,12 @@ evaluation of every seen task after every task.
 Protocol (CODA-Prompt, REFERENCE.md section 2): the class order is CODA-P's (seed 0 = label order,
 seed s > 0 = ``random.seed(s); random.shuffle``), tasks are consecutive chunks, head output j = j-th class
 of the order. Per task: a fresh Adam (betas 0.9/0.999) over ``method.param_groups()``, ``epochs`` passes
-over the task's training images in batches of ``batch_size`` (reshuffled every epoch, last partial batch
-kept), CODA-P's cosine schedule ``lr * cos(99 pi e / (200 (K-1)))`` stepped per epoch, bf16 autocast on
-GPU. After task t every seen task i <= t is evaluated on its test images with logits over all seen
-classes ``[0, hi_t)``: ``acc[t][i]`` = top-1 accuracy in percent (the row is stored in the task's
-``meta.json``). Joint methods (upper bound) train once on all classes and are evaluated per task.
+(more when ``min_steps`` asks: :func:`task_epochs`) over the task's training images in batches of
+``batch_size`` (reshuffled every epoch, last partial batch kept), CODA-P's cosine schedule
+``lr * cos(99 pi e / (200 (K-1)))`` stepped per epoch, bf16 autocast on GPU. After task t every seen
+task i <= t is evaluated on its test images with logits over all seen classes ``[0, hi_t)``:
+``acc[t][i]`` = top-1 accuracy in percent (the row is stored in the task's ``meta.json``).
+Joint methods (upper bound) train once on all classes and are evaluated per task.
 
 Augmentation (``augment``): ``flip`` (toy profile) = random horizontal flip; each image has two fixed
 views, so ``method.precompute`` (frozen-backbone features such as prompt queries) runs once per task
@@ -76,8 +77,8 @@ class ClsRunSpec:
         self.ds = ClsDataset(data_dir)
         self.method_cls: type[ClsMethod] = get_method("cls", method)
         self.settings = build_settings(self.method_cls.Settings, settings, f"cls_method_settings.{method}")
-        if self.settings.epochs < 1 or self.settings.batch_size < 1:
-            raise UserError(f"cls_method_settings.{method}: epochs and batch_size must be >= 1")
+        if self.settings.epochs < 1 or self.settings.batch_size < 1 or self.settings.min_steps < 0:
+            raise UserError(f"cls_method_settings.{method}: epochs and batch_size must be >= 1, min_steps >= 0")
         self.n_tasks, self.seed, self.augment = n_tasks, seed, augment
         self.device = resolve_device(device)
         self.image_size = image_size
@@ -207,6 +208,13 @@ def _amp(device: str):
 
 
 # ------------------------------------------------------------------------------------------- training
+def task_epochs(epochs: int, min_steps: int, n_batches: int) -> int:
+    """Epochs of one task: ``epochs``, raised until ``epochs * n_batches >= min_steps`` (0 = no floor)."""
+    if min_steps <= 0 or n_batches <= 0:
+        return epochs
+    return max(epochs, -(-min_steps // n_batches))
+
+
 def train_one_task(method: ClsMethod, task: ClsTask, data: TaskData, spec: ClsRunSpec) -> dict:
     s = method.settings
     device = spec.device
@@ -219,7 +227,6 @@ def train_one_task(method: ClsMethod, task: ClsTask, data: TaskData, spec: ClsRu
     opt = torch.optim.Adam(groups, lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay)
     if s.schedule not in ("cosine", "constant"):
         raise UserError(f"cls_method_settings.{method.name}.schedule: 'cosine' or 'constant', got {s.schedule!r}")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: cosine_factor(e, s.epochs) if s.schedule == "cosine" else 1.0)
     amp = _amp(device)
     t0, losses = time.time(), []
     method.train()
@@ -231,10 +238,12 @@ def train_one_task(method: ClsMethod, task: ClsTask, data: TaskData, spec: ClsRu
     else:
         loader = data.loader(task, "train", g, s.batch_size)
         n_batches = len(loader)
-    bar = tqdm(total=s.epochs * n_batches, desc=f"{method.name} task {task.index}/{len(spec.train_tasks)}",
+    epochs = task_epochs(s.epochs, s.min_steps, n_batches)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: cosine_factor(e, epochs) if s.schedule == "cosine" else 1.0)
+    bar = tqdm(total=epochs * n_batches, desc=f"{method.name} task {task.index}/{len(spec.train_tasks)}",
                mininterval=5, disable=os.environ.get("CONTINUAL_BENCH_NO_TQDM") == "1")
     step = 0
-    for epoch in range(s.epochs):
+    for epoch in range(epochs):
         if data.in_memory:
             perm = torch.randperm(n, generator=g)
             if spec.augment == "flip":
@@ -266,7 +275,7 @@ def train_one_task(method: ClsMethod, task: ClsTask, data: TaskData, spec: ClsRu
     bar.close()
     n_trained = method.n_trained()
     method.end_task(task)
-    return {"task": task.index, "classes": task.classes, "epochs": s.epochs, "steps": step,
+    return {"task": task.index, "classes": task.classes, "epochs": epochs, "steps": step,
             "loss_first": float(np.mean(losses[:n_batches])), "loss_last": float(np.mean(losses[-n_batches:])),
             "N_train": int(n_trained), "N_store": int(method.n_stored()), "seconds": round(time.time() - t0, 1)}
 
