@@ -34,7 +34,9 @@ def cmd_methods(a):
         print(json.dumps(rows, indent=1))
     else:
         for r in rows:
-            print(f"{r['track']:4s}  {r['name']:28s} {r['paper']}")
+            flags = "".join(f" [{f}]" for f, on in (("stores user data", r["stores_user_data"]),
+                                                     ("uses past data", r["uses_past_data"])) if on)
+            print(f"{r['track']:4s}  {r['name']:40s} {r['paper']}{flags}")
 
 
 def cmd_make_toy_data(a):

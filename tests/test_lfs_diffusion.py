@@ -1,10 +1,12 @@
 """lfs_diffusion: KD between student and teacher on the teacher's latent z*_t; ICGen's SDEdit start."""
+import pytest
 import torch
 
 from continual_bench.backbones.model import T2IModel
 from continual_bench.methods.base import Task, build_settings
 from continual_bench.methods.registry import get_method
 from continual_bench.methods.t2i.lfs_diffusion import kd_loss, sdedit_start
+from continual_bench.utils import UserError
 
 
 def test_kd_loss_by_hand():
@@ -33,7 +35,8 @@ def _lfs(pipe, name="lfs_diffusion", **kw):
 
 
 def test_teacher_trajectory_cache_and_zero_kd_at_start(tiny_pipeline):
-    m = _lfs(tiny_pipeline, kd_timesteps=3, kd_n_traj=2, kd_batch=6, icgen_steps=2, icgen_n_context=2)
+    m = _lfs(tiny_pipeline, "lfs_diffusion_model_context", kd_timesteps=3, kd_n_traj=2, kd_batch=6, icgen_steps=2,
+             icgen_n_context=2)
     t1 = Task(index=1, concept="a", token="<v1>", prompt="a photo of <v1>", images=torch.empty(0), class_word="person")
     m.begin_task(t1)
     c = m.cache  # 1 relevant prompt x 2 trajectories x 3 DDPM steps
@@ -61,9 +64,56 @@ def test_teacher_trajectory_cache_and_zero_kd_at_start(tiny_pipeline):
     assert (m.generate_prompt("a photo of a person", 2, **kw) == T2IModel.generate(m.model, ["a photo of a person"] * 2, **kw)).all()
 
 
-def test_no_icgen_variant_differs_only_in_icgen():
-    a, b = get_method("t2i", "lfs_diffusion"), get_method("t2i", "lfs_diffusion_no_icgen")
-    sa, sb = a.Settings(), b.Settings()
-    assert sa.icgen and not sb.icgen and issubclass(b, a)
-    assert b(None, sb).context_of("a photo of <v1>") is None  # plain sampling for every prompt
-    assert {k: v for k, v in vars(sa).items() if k != "icgen"} == {k: v for k, v in vars(sb).items() if k != "icgen"}
+READINGS = {  # name -> (kd_previous, icgen, icgen_context): the ablation's six cells
+    "lfs_diffusion": (False, True, "image"),
+    "lfs_diffusion_no_icgen": (False, False, "image"),
+    "lfs_diffusion_model_context": (False, True, "model"),
+    "lfs_diffusion_kd_previous": (True, True, "image"),
+    "lfs_diffusion_kd_previous_no_icgen": (True, False, "image"),
+    "lfs_diffusion_kd_previous_model_context": (True, True, "model"),
+}
+
+
+def test_readings_differ_only_in_kd_prompts_and_icgen():
+    base = get_method("t2i", "lfs_diffusion")
+    ref = vars(base.Settings())
+    for name, (prev, icgen, ctx) in READINGS.items():
+        cls = get_method("t2i", name)
+        s = cls.Settings()
+        assert issubclass(cls, base) and (s.kd_previous, s.icgen, s.icgen_context) == (prev, icgen, ctx), name
+        assert s.kd_relevant
+        same = {k: v for k, v in vars(s).items() if k not in ("kd_previous", "icgen", "icgen_context")}
+        assert same == {k: v for k, v in ref.items() if k not in ("kd_previous", "icgen", "icgen_context")}, name
+        assert cls.stores_user_data == (icgen and ctx == "image"), name  # listed by `continual-bench methods`
+    assert get_method("t2i", "lfs_diffusion_no_icgen")(None, get_method("t2i", "lfs_diffusion_no_icgen").Settings()
+                                                       ).context_of("a photo of <v1>") is None  # plain sampling
+
+
+def test_kd_prompts_relevant_only_or_with_previous():
+    past = [Task(index=i, concept=f"c{i}", token=f"<v{i}>", prompt=f"a photo of <v{i}>", images=torch.empty(0))
+            for i in (1, 2)]
+    t3 = Task(index=3, concept="c3", token="<v3>", prompt="a photo of <v3>", images=torch.empty(0),
+              class_word="person", past=past)
+    rel = get_method("t2i", "lfs_diffusion")
+    prev = get_method("t2i", "lfs_diffusion_kd_previous")
+    assert rel(None, rel.Settings()).kd_prompts(t3) == ["a photo of a person"]
+    assert prev(None, prev.Settings()).kd_prompts(t3) == ["a photo of a person", "a photo of <v1>", "a photo of <v2>"]
+
+
+def test_image_context_is_the_training_images_vae_means(tiny_pipeline):
+    m = _lfs(tiny_pipeline, kd_weight=0.0, icgen_n_context=2)
+    imgs = torch.rand(3, 3, m.model.image_size, m.model.image_size, generator=torch.Generator().manual_seed(1))
+    t1 = Task(index=1, concept="a", token="<v1>", prompt="a photo of <v1>", images=imgs, class_word="person")
+    m.begin_task(t1)
+    m.end_task(t1)
+    ctx = m.past[0]["icgen_context"]
+    with torch.no_grad():
+        mean, _ = m.model.latent_dist(imgs)
+    scaled = mean * m.model.vae.config.scaling_factor
+    # each stored context is one training image's posterior mean, scaled as the UNet's latents (by hand)
+    assert ctx.shape[0] == 2
+    assert all(any(torch.allclose(c, s, atol=1e-6) for s in scaled) for c in ctx)
+    assert m.n_stored() >= ctx.numel()  # counted in N_store
+    bad = get_method("t2i", "lfs_diffusion")
+    with pytest.raises(UserError, match="icgen_context"):
+        bad(None, build_settings(bad.Settings, {"icgen_context": "images"}, "t"))

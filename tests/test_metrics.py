@@ -71,3 +71,13 @@ def test_forgetting_sign_larger_is_more_forgetting():
     assert M.forgetting(0.9, 0.6, higher_is_better=True) == pytest.approx(0.3)  # accuracy dropped
     assert M.forgetting(10.0, 25.0, higher_is_better=False) == pytest.approx(15.0)  # distance grew
     assert M.forgetting(0.5, 0.7, higher_is_better=True) == pytest.approx(-0.2)  # improved: negative
+
+
+def test_kid_with_whole_sets_does_not_depend_on_the_subset_seed():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(12, 5, generator=g), torch.randn(12, 5, generator=g) + 0.5
+    # subset size = both set sizes: every subset is the whole set, computed once
+    assert M.kid(x, y, seed=0) == pytest.approx(M.kid(x, y, seed=123), rel=1e-12)
+    # a larger real set: subsets differ by seed
+    z = torch.randn(30, 5, generator=g)
+    assert M.kid(z, y, seed=0) != M.kid(z, y, seed=123)

@@ -1,8 +1,8 @@
 """Smoke test of the new t2i methods: 2 tasks x 2 steps at batch 2 through the engine's loop, as the engine
 runs them (a fresh model per task brought to the state after t-1), and resume exactness: the model rebuilt
 by state_dict -> fresh model -> load_state samples what the live model sampled and stores the same state.
-(``joint`` runs through the whole engine in test_joint.py; ``lfs_diffusion_no_icgen`` is ``lfs_diffusion``
-with one default changed, test_lfs_diffusion.py.)"""
+(``joint`` runs through the whole engine in test_joint.py; the other LFS-Diffusion readings are ``lfs_diffusion``
+with defaults changed, test_lfs_diffusion.py; two of them, image and model context, run here.)"""
 import pytest
 import torch
 
@@ -17,6 +17,8 @@ FAST = {  # toy-of-the-toy settings: a few sampler steps
     "generative_replay": {"n_replay": 2, "replay_steps": 2},
     "custom_diffusion_merge": {"ridge": 1e-4},  # random-weight test encoder: G needs a ridge
     "lfs_diffusion": {"kd_timesteps": 3, "kd_n_traj": 1, "kd_batch": 2, "icgen_steps": 2, "icgen_n_context": 2},
+    "lfs_diffusion_kd_previous_model_context": {"kd_timesteps": 3, "kd_n_traj": 1, "kd_batch": 2, "icgen_steps": 2,
+                                                "icgen_n_context": 2},
 }
 
 

@@ -36,12 +36,20 @@ CLIPSCORE_W = 2.5
 
 
 def kid(real_feats: torch.Tensor, fake_feats: torch.Tensor, *, seed: int = 0, subsets: int = 100) -> float:
-    """KID x 1e3 between two feature sets (torchmetrics; subsets drawn from a seeded global RNG)."""
+    """KID x 1e3 between two feature sets (torchmetrics; subsets drawn from a seeded global RNG).
+
+    ``seed`` fixes which subsets are drawn: callers seed by what is compared (the concept and its prompt),
+    never by when, so that identical samples scored at two points of a sequence get identical values.
+    When the subset size equals both set sizes every subset is the whole set in another order (the unbiased
+    MMD^2 is permutation-invariant), so it is computed once.
+    """
     from torchmetrics.image.kid import KernelInceptionDistance
 
     subset_size = min(len(real_feats), len(fake_feats), 1000)
     if subset_size < 2:
         raise ValueError("KID needs at least 2 real and 2 generated images")
+    if len(real_feats) == len(fake_feats) == subset_size:
+        subsets = 1
     metric = KernelInceptionDistance(feature=nn.Identity(), subsets=subsets, subset_size=subset_size)
     metric.update(real_feats.double(), real=True)
     metric.update(fake_feats.double(), real=False)

@@ -109,6 +109,9 @@ class T2IMethod:
     #: True only for non-continual references (``joint``): the engine fills ``task.past[i].images`` with the
     #: past concepts' real training images before ``begin_task``. Continual methods leave it False.
     uses_past_data: ClassVar[bool] = False
+    #: True when the method (with its default settings) keeps data derived from the user's training images
+    #: after a task (e.g. LFS-Diffusion's image-context ICGen stores their latents); listed by ``methods``.
+    stores_user_data: ClassVar[bool] = False
 
     def __init__(self, model, settings, seed: int = 0):
         self.model = model

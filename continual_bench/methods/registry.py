@@ -69,5 +69,7 @@ def get_method(track: str, name: str) -> type:
 
 def list_methods() -> list[dict]:
     _load_all()
-    return [{"track": t, "name": n, "paper": getattr(c, "paper", ""), "module": c.__module__}
+    return [{"track": t, "name": n, "paper": getattr(c, "paper", ""), "module": c.__module__,
+             "uses_past_data": bool(getattr(c, "uses_past_data", False)),
+             "stores_user_data": bool(getattr(c, "stores_user_data", False))}
             for (t, n), c in sorted(_REGISTRY.items())]

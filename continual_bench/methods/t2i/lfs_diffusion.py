@@ -4,11 +4,34 @@ Paper: Song, Yang, Yang, Lin, "Towards Lifelong Few-Shot Customization of Text-t
 (LFS-Diffusion; seed ``002`` of this project, REFERENCE.md sec. 1). Two kinds of forgetting: relevant
 concepts ("cat" collapses onto "V1 cat") and previous concepts (earlier V_i are lost).
 
+The paper's two components, and the readings registered here (the names are the ablation's cells):
+
+    KD on                      | ICGen: none                         | model context                    | image context
+    relevant concept only      | lfs_diffusion_no_icgen              | lfs_diffusion_model_context      | lfs_diffusion
+    relevant + previous        | lfs_diffusion_kd_previous_no_icgen  | lfs_diffusion_kd_previous_model_context | lfs_diffusion_kd_previous
+
+Which reading the plain name ``lfs_diffusion`` is, and why. The abstract assigns each component to one kind
+of forgetting: "we first devise a data-free knowledge distillation strategy to tackle relevant concepts
+forgetting", and ICGen "facilitates the few-shot generation and mitigates the issue of previous concepts
+forgetting". The same abstract also says the distillation is "on-the-fly knowledge distillation to retain the
+previous concepts while learning new ones". Fig. 4 illustrates the distillation on the relevant concept only
+("cat" while learning "V1 cat"), and if KD already covered the previous concepts, ICGen's stated role would be
+redundant; so we read "the previous concepts" of that sentence as the knowledge the model had before the
+session (the relevant ones), and the plain name distils on the relevant concept only. The reading that also
+distils on every previous concept's prompt (what this suite called ``lfs_diffusion`` before 2026-12-01) is
+``lfs_diffusion_kd_previous*``. Fig. 3 says the vision context Z_0^{S^i} "is also sampled" in the session's
+training stage, and ICGen "facilitates the few-shot generation": Z_0 is the diffusion notation of a clean
+(data) latent, and the stage that has the session's few-shot images is the one it comes from; so the plain
+name takes the context from the session's training images (their VAE latents, stored: this reading keeps
+user data, counted in N_store and marked in ``continual-bench methods``). The model-context reading (the
+context sampled by the just-trained model, no user data kept) is ``*_model_context``. The ablation in
+``results/toy_full`` (README) measures which component does the work.
+
 1. Data-free knowledge distillation (paper's L_KD, Fig. 4 and 5). The teacher f* is the model before the
    session. A DDPM scheduler with ``kd_timesteps`` = 25 steps runs the teacher's reverse trajectory
-   z*_T -> ... -> z*_0 for prompts of the relevant concept (the class prompt "a photo of a person") and of
-   every previous concept; at each timestep t the SAME teacher latent z*_t is fed to teacher and student
-   and their model outputs are matched:
+   z*_T -> ... -> z*_0 for prompts of the relevant concept (the class prompt "a photo of a person") and,
+   with ``kd_previous``, of every previous concept; at each timestep t the SAME teacher latent z*_t is fed to
+   teacher and student and their model outputs are matched:
 
        L = L_diffusion(D_i)  +  kd_weight * E_{p, t} || f_theta(z*_t, t, c_p) - f*(z*_t, t, c_p) ||^2 .
 
@@ -26,14 +49,14 @@ concepts ("cat" collapses onto "V1 cat") and previous concepts (earlier V_i are 
 2. In-Context Generation (ICGen). The paper samples a vision context Z_0^{S_i} per session and conditions
    generation on it at inference, without extra training; its exact mechanism has not been read here
    (REFERENCE.md). This file's interpretation, stated: at the end of session i, ``icgen_n_context`` clean
-   latents Z_0 of concept i are sampled with the just-trained model and stored (no real image is stored);
-   at inference for concept i's prompt, sample j starts from its context Z_0^{(j mod n)} noised to strength
-   s (SDEdit: z_start = sqrt(alpha_bar_{t_s}) Z_0 + sqrt(1 - alpha_bar_{t_s}) eps, t_s the first of the last
-   round(s * steps) DDIM timesteps) and is denoised with the current model and the concept's prompt. The
-   context carries what concept i looked like right after its session into later sessions (against
-   previous-concept forgetting); s = 1 is plain generation. Prompts without a concept token (the generic
-   prompt) are generated plainly. ``lfs_diffusion_no_icgen`` is the same method with ICGen off, so the two
-   effects are measured separately.
+   latents Z_0 of concept i are stored: ``icgen_context: image`` takes the VAE posterior means of that many of
+   the session's training images (a seeded choice), ``icgen_context: model`` samples them with the
+   just-trained model and the concept's prompt. At inference for concept i's prompt, sample j starts from its
+   context Z_0^{(j mod n)} noised to strength s (SDEdit: z_start = sqrt(alpha_bar_{t_s}) Z_0 +
+   sqrt(1 - alpha_bar_{t_s}) eps, t_s the first of the last round(s * steps) DDIM timesteps) and is denoised
+   with the current model and the concept's prompt. The context carries what concept i looked like in its
+   session into later sessions (against previous-concept forgetting); s = 1 is plain generation. Prompts
+   without a concept token (the generic prompt) are generated plainly. ``icgen: false`` turns ICGen off.
 
 Adapter: the student is ``lora_sequential``'s (this class subclasses it): a fresh LoRA on the
 cross-attention K/V per session, folded afterwards, a new random token row. The paper builds on an
@@ -44,13 +67,14 @@ Paper-profile values of kd_weight, the number of trajectories and ICGen's streng
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...utils import stable_seed
+from ...utils import UserError, stable_seed
 from ..base import Task
 from ..registry import register
 from .lora_sequential import LoRASequential, LoRASettings
@@ -64,8 +88,9 @@ class LFSSettings(LoRASettings):
     kd_batch: int = 4  # cached (z*_t, t, prompt) samples per training step (one extra student forward)
     kd_guidance: float = 5.0  # classifier-free guidance of the teacher trajectory (as evaluation sampling)
     kd_relevant: bool = True  # distil on the relevant concept's prompt ("a photo of a person")
-    kd_previous: bool = True  # distil on every previous concept's prompt
+    kd_previous: bool = False  # also distil on every previous concept's prompt (the *_kd_previous readings)
     icgen: bool = True  # In-Context Generation at inference
+    icgen_context: str = "image"  # Z_0 from the session's training images ("image") or sampled by the model ("model")
     icgen_strength: float = 0.8  # SDEdit strength s from the stored context (1 = plain generation)
     icgen_n_context: int = 4  # context latents stored per session
     icgen_steps: int = 15  # DDIM steps to sample the contexts (toy evaluation's)
@@ -161,6 +186,7 @@ class LFSDiffusion(LoRASequential):
 
     paper = "Song et al., Towards Lifelong Few-Shot Customization of Text-to-Image Diffusion (LFS-Diffusion)"
     Settings = LFSSettings
+    stores_user_data = True  # the image-context ICGen keeps latents of the training images
 
     def kd_prompts(self, task: Task) -> list[str]:
         s = self.settings
@@ -189,22 +215,44 @@ class LFSDiffusion(LoRASequential):
         out["loss"] = out["loss"] + self.settings.kd_weight * kd
         return out
 
+    def __init__(self, model, settings, seed: int = 0):
+        super().__init__(model, settings, seed)
+        if settings.icgen_context not in ICGEN_CONTEXTS:
+            raise UserError(f"method_settings.{self.name}.icgen_context: expected one of {list(ICGEN_CONTEXTS)}, "
+                            f"got {settings.icgen_context!r}")
+
     def end_task(self, task: Task) -> None:
         self.cache = None
         super().end_task(task)
-        if self.settings.icgen:  # the session's vision context Z_0, sampled with the just-trained model
-            s = self.settings
-            from diffusers import DDIMScheduler
-
-            sched = DDIMScheduler.from_config(self.model.pipe.scheduler.config)
-            sched.set_timesteps(s.icgen_steps)
-            unet = self.model.unet
-            shape = (s.icgen_n_context, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-            g = torch.Generator().manual_seed(stable_seed("icgen-context", self.seed, task.index))
-            noise = torch.randn(shape, generator=g).to(self.model.device, unet.dtype)
-            prompts = [self.prompt(task)] * len(noise)
-            ctx = ddim_sample(self.model, prompts, noise, sched.timesteps, sched, s.kd_guidance)
+        if self.settings.icgen:  # the session's vision context Z_0, stored with the session's adapter
+            ctx = self.image_context(task) if self.settings.icgen_context == "image" else self.model_context(task)
             self.past[-1]["icgen_context"] = ctx.detach().float().cpu().contiguous()
+
+    def image_context(self, task: Task) -> torch.Tensor:
+        """Z_0 from the session's own training images: VAE posterior means (scaled as the UNet's latents) of
+        ``icgen_n_context`` of them, a seeded choice. This reading stores user data (counted in N_store)."""
+        n = min(self.settings.icgen_n_context, len(task.images))
+        if n < 1:
+            raise UserError(f"{self.name}: task {task.index} has no training images for the ICGen context")
+        g = torch.Generator().manual_seed(stable_seed("icgen-context", self.seed, task.index))
+        pick = torch.randperm(len(task.images), generator=g)[:n].sort().values
+        with torch.no_grad():
+            mean, _ = self.model.latent_dist(task.images[pick])
+        return mean * self.model.vae.config.scaling_factor
+
+    def model_context(self, task: Task) -> torch.Tensor:
+        """Z_0 sampled by the just-trained model for the concept's prompt (no user data kept)."""
+        s = self.settings
+        from diffusers import DDIMScheduler
+
+        sched = DDIMScheduler.from_config(self.model.pipe.scheduler.config)
+        sched.set_timesteps(s.icgen_steps)
+        unet = self.model.unet
+        shape = (s.icgen_n_context, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        g = torch.Generator().manual_seed(stable_seed("icgen-context", self.seed, task.index))
+        noise = torch.randn(shape, generator=g).to(self.model.device, unet.dtype)
+        prompts = [self.prompt(task)] * len(noise)
+        return ddim_sample(self.model, prompts, noise, sched.timesteps, sched, s.kd_guidance)
 
     # ------------------------------------------------------------------ inference
     def context_of(self, prompt: str) -> torch.Tensor | None:
@@ -238,18 +286,31 @@ class LFSDiffusion(LoRASequential):
         return np.concatenate(out)
 
 
-@dataclass
-class LFSNoICGenSettings(LFSSettings):
-    icgen: bool = False  # the ablation: distillation only
+# ------------------------------------------------------------------------------------------- the other readings
+ICGEN_CONTEXTS = ("image", "model")
+_PAPER = "Song et al., Towards Lifelong Few-Shot Customization of Text-to-Image Diffusion (LFS-Diffusion)"
 
 
-@register("t2i", "lfs_diffusion_no_icgen")
-class LFSDiffusionNoICGen(LFSDiffusion):
-    """LFS-Diffusion without In-Context Generation (Song et al.; ablation): data-free KD only.
+def _reading(name: str, what: str, **defaults) -> type:
+    """Register one reading of LFS-Diffusion: the same class with other Settings defaults (the module docstring's
+    table). A subclass per name, so ``continual-bench methods`` lists each with its own settings."""
+    fields = [(k, type(v), dataclasses.field(default=v)) for k, v in defaults.items()]
+    settings = dataclasses.make_dataclass(f"Settings_{name}", fields, bases=(LFSSettings,))
+    doc = (f"LFS-Diffusion, reading {what} (Song et al.; see lfs_diffusion's docstring).\n\n"
+           "L = L_diff + kd_weight * ||f_theta(z*_t, t, c_p) - f*(z*_t, t, c_p)||^2 over the teacher's trajectory.")
+    keeps = bool(settings.icgen and settings.icgen_context == "image")
+    cls = type(f"LFS_{name}", (LFSDiffusion,), {"__doc__": doc, "paper": f"{_PAPER} - {what}", "Settings": settings,
+                                                "__module__": __name__, "stores_user_data": keeps})
+    return register("t2i", name)(cls)
 
-    L = L_diff + kd_weight * ||f_theta(z*_t, t, c_p) - f*(z*_t, t, c_p)||^2; plain sampling at inference.
-    """
 
-    paper = ("Song et al., Towards Lifelong Few-Shot Customization of Text-to-Image Diffusion (LFS-Diffusion) "
-             "- without ICGen")
-    Settings = LFSNoICGenSettings
+LFSDiffusionNoICGen = _reading("lfs_diffusion_no_icgen", "KD on the relevant concept, no ICGen", icgen=False)
+LFSDiffusionModelContext = _reading("lfs_diffusion_model_context", "KD on the relevant concept, ICGen from a "
+                                    "model-sampled context", icgen_context="model")
+LFSDiffusionKDPrevious = _reading("lfs_diffusion_kd_previous", "KD on the relevant and every previous concept, "
+                                  "ICGen from the training images", kd_previous=True)
+LFSDiffusionKDPreviousNoICGen = _reading("lfs_diffusion_kd_previous_no_icgen", "KD on the relevant and every "
+                                         "previous concept, no ICGen", kd_previous=True, icgen=False)
+LFSDiffusionKDPreviousModelContext = _reading(
+    "lfs_diffusion_kd_previous_model_context", "KD on the relevant and every previous concept, ICGen from a "
+    "model-sampled context (the suite's lfs_diffusion before 2026-12-01)", kd_previous=True, icgen_context="model")
