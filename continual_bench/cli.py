@@ -129,6 +129,23 @@ def cmd_evaluate(a):
         sample_grid_from_npz(a.samples, train_info, a.figure, title=f"{a.benchmark}, {a.method}, seed {a.seed}")
 
 
+def cmd_noise_floor(a):
+    from .backbones.model import T2IModel
+    from .data.benchmarks import get_benchmark
+    from .engine.t2i import resolve_device
+    from .evaluation.judge import load_judge
+    from .evaluation.noise_floor import write_noise_floor
+    from .evaluation.oracle import Oracle
+
+    ev = _json_arg(a.eval_settings)
+    model = T2IModel.from_pretrained(a.backbone, device=resolve_device(a.device)) if a.backbone else None
+    write_noise_floor(data_dir=a.data, judge=load_judge(a.judge), oracle=Oracle.load(a.oracle) if a.oracle else None,
+                      benchmark=a.benchmark, out=a.out, model=model, n_samples=int(ev.get("n_samples", 32)),
+                      steps=int(ev.get("sample_steps", 15)), guidance=float(ev.get("guidance", 1.5)),
+                      max_concepts=a.max_concepts, repeats=a.repeats,
+                      class_word=get_benchmark(a.benchmark).class_word, seed=a.seed)
+
+
 def cmd_write_config(a):
     import yaml
 
@@ -180,7 +197,7 @@ def cmd_train_cls(a):
 def cmd_tables(a):
     from .reporting.report import build_report
 
-    build_report(a.run_dir, a.metrics)
+    build_report(a.run_dir, a.metrics, noise_floor_paths=a.noise_floor)
 
 
 # ------------------------------------------------------------------------- paper profile: data and models
@@ -339,6 +356,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figure", default=None)
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("noise-floor", help="a benchmark's metric noise floor: real-vs-real and seed-vs-seed null "
+                                          "differences (noise_floor.csv rows)")
+    p.add_argument("--data", required=True, help="prepared dataset folder of the benchmark")
+    p.add_argument("--judge", required=True, help="judge folder (CLIP features, KID features)")
+    p.add_argument("--oracle", default=None, help="oracle folder (toy world only)")
+    p.add_argument("--backbone", default=None,
+                   help="base text-to-image backbone for the seed-vs-seed part (default: none, real images only)")
+    p.add_argument("--device", default="auto", help="device of the backbone (default: %(default)s)")
+    p.add_argument("--benchmark", required=True)
+    p.add_argument("--eval-settings", default="{}", help="the evaluation's settings as JSON (n_samples, "
+                   "sample_steps, guidance) (default: %(default)s)")
+    p.add_argument("--max-concepts", type=int, default=10, help="concepts measured, a seeded choice (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="random splits of each concept's real images (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits and samples (default: %(default)s)")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.set_defaults(func=cmd_noise_floor)
+
     p = sub.add_parser("write-config", help="write a run's resolved configuration (JSON) as YAML")
     p.add_argument("--json", required=True)
     p.add_argument("--out", required=True)
@@ -467,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tables", help="summary.csv, tables and figures of a run directory from its metric files")
     p.add_argument("run_dir")
     p.add_argument("--metrics", nargs="*", default=None, help="metric files (default: run_dir/runs/**/metrics.csv)")
+    p.add_argument("--noise-floor", nargs="*", default=None,
+                   help="per-benchmark noise-floor files (default: run_dir/noise_floor/*.csv)")
     p.set_defaults(func=cmd_tables)
     return ap
 

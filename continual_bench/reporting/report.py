@@ -1,12 +1,14 @@
 """Regenerate a run directory's summary, tables and figures from its per-run metric files alone."""
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
 import pandas as pd
 
-from ..utils import UserError
+from ..evaluation.noise_floor import load_noise_floor
+from ..utils import UserError, atomic_write_text
 from .figures import accuracy_curves, forgetting_curves, r_matrix_heatmap
 from .reference import load_reference
 from .summary import load_metrics, write_summary
@@ -19,14 +21,16 @@ FIGURE_METRICS = ("oracle", "clip", "clip_t", "mmd")  # text-to-image R-matrix m
 
 
 def build_report(run_dir: str | Path, metric_paths: list[str | Path] | None = None,
-                 reference_dir: str | Path | None = None) -> list[Path]:
+                 reference_dir: str | Path | None = None, noise_floor_paths: list[str | Path] | None = None) -> list[Path]:
     """Metric files -> ``summary.csv``, ``tables/*`` and ``figures/summary/*`` under ``run_dir``.
 
     ``metric_paths`` defaults to every ``<run_dir>/runs/**/metrics.csv``; each run's ``R.csv`` beside
     its ``metrics.csv`` (text-to-image R[t][k], classification accuracy matrix) feeds the figures:
     forgetting curves and R-matrix heatmaps per (benchmark, n_tasks, metric), accuracy-vs-task curves
     per classification benchmark. Published numbers come from ``reference_dir`` (default
-    ``results/reference``). Nothing here touches a model: it takes seconds.
+    ``results/reference``). The text-to-image benchmarks' noise floors (``noise_floor_paths``, default
+    ``<run_dir>/noise_floor/*.csv``) are combined into ``noise_floor.csv`` and printed under every table.
+    Nothing here touches a model: it takes seconds.
     """
     run_dir = Path(run_dir)
     paths = sorted(Path(p) for p in metric_paths) if metric_paths else sorted(run_dir.glob("runs/**/metrics.csv"))
@@ -34,8 +38,16 @@ def build_report(run_dir: str | Path, metric_paths: list[str | Path] | None = No
         raise UserError(f"{run_dir}: no runs/**/metrics.csv found; run the evaluation first")
     summary = write_summary(paths, run_dir / "summary.csv")
     written = [run_dir / "summary.csv"]
+    floor_paths = (sorted(Path(p) for p in noise_floor_paths) if noise_floor_paths is not None
+                   else sorted(run_dir.glob("noise_floor/*.csv")))
+    floor = load_noise_floor(floor_paths)
+    if floor is not None:
+        buf = io.StringIO()
+        floor.sort_values(["benchmark", "metric", "source"]).to_csv(buf, index=False, float_format="%.6g")
+        atomic_write_text(run_dir / "noise_floor.csv", buf.getvalue())
+        written.append(run_dir / "noise_floor.csv")
     written += write_tables(summary, run_dir / "tables", per_seed_df=load_metrics(paths),
-                            reference_df=load_reference(reference_dir))
+                            reference_df=load_reference(reference_dir), noise_floor=floor)
     figures = run_dir / "figures" / "summary"
     r_paths = [p.parent / "R.csv" for p in paths if (p.parent / "R.csv").is_file()]
     if r_paths:

@@ -10,6 +10,10 @@ best method's are underlined: Welch's t-test (unequal variances),
 
 with Welch-Satterthwaite degrees of freedom, two-sided p >= 0.05, and only when both
 methods have >= 2 seeds.
+
+Noise floor (text-to-image, ``evaluation/noise_floor.py``): when a benchmark's floor is known, every method whose
+mean is within the column's floor of the best mean is bold as well (a gap inside the metric's own noise is not a
+finding), and the floor of each column is printed under the table and as a row of the CSV.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from continual_bench.evaluation.noise_floor import floor_of_column
 from continual_bench.reporting.summary import SUMMARY_COLUMNS, direction
 from continual_bench.utils import UserError, atomic_path, atomic_write_text
 
@@ -87,13 +92,29 @@ def format_cell(metric: str, mean: float, std: float) -> str:
     return f"{mean:.2f} $\\pm$ {std:.2f}"
 
 
-def _best_methods(col: pd.Series, how: str | None) -> list[str]:
-    """Methods whose mean equals the best mean of the column (ties all count)."""
+def _best_methods(col: pd.Series, how: str | None, floor: float | None = None) -> list[str]:
+    """Methods whose mean equals the best mean of the column (ties all count), and with a noise ``floor`` every
+    method whose mean is within the floor of the best."""
     col = col.dropna()
     if how is None or col.empty:
         return []
     best = col.max() if how == "max" else col.min()
-    return [m for m, v in col.items() if np.isclose(v, best, rtol=1e-12, atol=0.0)]
+    tol = floor if floor is not None and math.isfinite(floor) else 0.0
+    return [m for m, v in col.items() if np.isclose(v, best, rtol=1e-12, atol=0.0) or abs(v - best) <= tol]
+
+
+def format_floor(metric: str, value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 10 else f"{value:.3f}" if abs(value) < 0.1 else f"{value:.2f}"
+
+
+def _floor_note(cols, metric_of, floor_of) -> str:
+    """One line naming each column's noise floor (empty when none is known)."""
+    parts = [f"{metric_of(c)} {format_floor(metric_of(c), f)}" for c in cols
+             if floor_of is not None and (f := floor_of(c)) is not None]
+    if not parts:
+        return ""
+    return ("Noise floor (2 sd of a gap between two cells when nothing differs; noise_floor.csv): " + ", ".join(parts)
+            + ". Bold: the best mean and every mean within the floor of it.")
 
 
 def welch_p(a, b) -> float:
@@ -162,12 +183,13 @@ def _plain(latex_text: str) -> str:
 
 
 def _styled_tables(mean: pd.DataFrame, std: pd.DataFrame, metric_of, seeds_of, ref_cells: pd.DataFrame | None,
-                  *, caption: str, label: str, header: str) -> tuple[str, str]:
+                  *, caption: str, label: str, header: str, floor_of=None) -> tuple[str, str]:
     """Booktabs LaTeX and an HTML twin of a methods x columns table through pandas Styler.
 
     ``mean``/``std``: methods x column keys; ``metric_of(col)`` names a column's metric (for its format and
     direction); ``seeds_of(col)`` gives the per-seed long table of that column (Welch) or None.
     ``ref_cells``: already formatted reported rows, printed below a rule and never highlighted.
+    ``floor_of(col)``: the column's noise floor or None; means within it of the best are bold too.
     """
     methods, cols = list(mean.index), list(mean.columns)
     cells = pd.DataFrame({c: [format_cell(metric_of(c), mean.at[r, c], std.at[r, c]) for r in methods] for c in cols},
@@ -175,12 +197,13 @@ def _styled_tables(mean: pd.DataFrame, std: pd.DataFrame, metric_of, seeds_of, r
     css = pd.DataFrame("", index=methods, columns=cols)
     for c in cols:
         m = metric_of(c)
-        best = _best_methods(mean[c], direction(m))
+        top = _best_methods(mean[c], direction(m))
+        best = _best_methods(mean[c], direction(m), floor_of(c) if floor_of else None)
         for b in best:
             css.at[b, c] = BOLD
-        if len(best) == 1:
+        if len(top) == 1:
             others = [r for r in methods if r not in best and math.isfinite(mean.at[r, c])]
-            for r in _not_significant(seeds_of(c), m, best[0], others):
+            for r in _not_significant(seeds_of(c), m, top[0], others):
                 css.at[r, c] = UNDERLINE
     n_own = len(cells)
     if ref_cells is not None and not ref_cells.empty:
@@ -210,7 +233,8 @@ def _styled_tables(mean: pd.DataFrame, std: pd.DataFrame, metric_of, seeds_of, r
             {html_cells.index[n_own]: [{"selector": sel, "props": "border-top: 1px solid black;"} for sel in ("th", "td")]},
             axis=1, overwrite=False)
     notes = "".join(f"<p>{html.escape(line.lstrip('% '))}</p>" for line in header.splitlines())
-    html_out = notes + html_styler.to_html(exclude_styles=False)
+    floor_note = _floor_note(cols, metric_of, floor_of)
+    html_out = notes + html_styler.to_html(exclude_styles=False) + (f"<p>{html.escape(floor_note)}</p>\n" if floor_note else "")
     cells.columns = css.columns = columns(False)
     cells.columns.names = [None, "Method"] if multi else ["Method"]
     styler = cells.style.apply(lambda _: css.values, axis=None)
@@ -223,6 +247,8 @@ def _styled_tables(mean: pd.DataFrame, std: pd.DataFrame, metric_of, seeds_of, r
         i = next(i for i, ln in enumerate(lines) if ln.startswith(first_ref))
         lines.insert(i, r"\midrule")
         tex = "\n".join(lines) + "\n"
+    if floor_note:  # under the table, inside its float
+        tex = tex.replace("\\end{table}", "\\par\\footnotesize " + latex_escape(floor_note) + "\n\\end{table}")
     return header + tex, html_out
 
 
@@ -261,13 +287,14 @@ def _ref_cells(ref: pd.DataFrame | None, cols, metric_of, ntasks_of, benchmark: 
 
 
 def write_tables(summary_df: pd.DataFrame, out_dir: Path, per_seed_df: pd.DataFrame | None = None,
-                 reference_df: pd.DataFrame | None = None) -> list[Path]:
+                 reference_df: pd.DataFrame | None = None, noise_floor: pd.DataFrame | None = None) -> list[Path]:
     """Write ``<benchmark>_T<n_tasks>.csv`` and ``.tex`` per (track, benchmark, n_tasks) into ``out_dir``,
     and for the classification track ``<benchmark>_combined.csv/.tex`` with the sequence lengths side by side.
 
     ``summary_df`` is the output of summarize(); ``per_seed_df`` (optional) is the long per-seed
     table from load_metrics(), used for the Welch underlining; ``reference_df`` (optional, see
-    reference.load_reference) adds published numbers as a separate block of rows. If one
+    reference.load_reference) adds published numbers as a separate block of rows; ``noise_floor``
+    (optional, evaluation.noise_floor) widens bold to every mean within the column's floor. If one
     (benchmark, n_tasks) occurs in several tracks, file names get a ``<track>_`` prefix.
     """
     from .reference import reference_for
@@ -300,14 +327,26 @@ def write_tables(summary_df: pd.DataFrame, out_dir: Path, per_seed_df: pd.DataFr
         ref = ref[ref.metric.isin(metrics)]
         mean = group.pivot(index="method", columns="metric", values="mean").reindex(index=methods, columns=metrics)
         std = group.pivot(index="method", columns="metric", values="std").reindex(index=methods, columns=metrics)
+        n_seeds = int(group["n_seeds"].min())
+
+        def floor_of(col, benchmark=benchmark, n_tasks=n_tasks, n_seeds=n_seeds):
+            return floor_of_column(noise_floor, benchmark, col, n_tasks, n_seeds)
+
         csv_path = out_dir / f"{stem}.csv"
+        wide = _wide_csv(group, methods, metrics, ref)
+        floors = {m: floor_of(m) for m in metrics}
+        if any(v is not None for v in floors.values()):
+            row = {"method": "noise floor", "source": "noise_floor.csv: 2 sd of a gap between two cells when nothing differs"}
+            row.update({m: v for m, v in floors.items() if v is not None})
+            wide = pd.concat([wide, pd.DataFrame([row])], ignore_index=True)
         with atomic_path(csv_path) as tmp:
-            _wide_csv(group, methods, metrics, ref).to_csv(tmp, index=False)
+            wide.to_csv(tmp, index=False)
         tex, html_table = _styled_tables(mean, std, lambda c: c, lambda c: per_seed,
                             _ref_cells(ref, metrics, lambda c: c, lambda c: n_tasks, benchmark),
                             caption=_caption(benchmark, n_tasks, group["n_seeds"]),
                             label=f"tab:{benchmark}_T{n_tasks}",
-                            header=_header(track, f"{benchmark} / T={n_tasks}", per_seed is not None, ref))
+                            header=_header(track, f"{benchmark} / T={n_tasks}", per_seed is not None, ref),
+                            floor_of=floor_of)
         written += [csv_path, *_write_tex_html(out_dir, stem, tex, html_table)]
 
     for benchmark, group in summary_df[summary_df.track == "cls"].groupby("benchmark", sort=True):

@@ -4,7 +4,10 @@
 
 rule tables:
     input:
-        run_targets("{results}/runs/{benchmark}/T{n_tasks}/{method}/seed{seed}/metrics.csv"),
+        metrics=run_targets("{results}/runs/{benchmark}/T{n_tasks}/{method}/seed{seed}/metrics.csv"),
+        # the metrics' noise floor of every text-to-image benchmark (t2i.smk: noise_floor)
+        floor=expand("{results}/noise_floor/{benchmark}.csv", results=RESULTS,
+                     benchmark=config["benchmarks"] if config["methods"] else []),
     output:
         summary=report(f"{RESULTS}/summary.csv", category="Results", labels={"table": "summary.csv (download)"}),
         # the HTML twins: the report shows them inline (a CSV would only be offered as a download)
@@ -19,7 +22,7 @@ rule tables:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench tables {params.run_dir} --metrics {input} 2> {log}"
+        "continual-bench tables {params.run_dir} --metrics {input.metrics} --noise-floor {input.floor} 2> {log}"
 
 
 rule run_config:

@@ -93,3 +93,33 @@ rule evaluate:
         "--method {wildcards.method} --n-tasks {wildcards.n_tasks} --seed {wildcards.seed} "
         "--eval-settings {params.ev:q} --out-metrics {output.metrics} --out-R {output.R} "
         "--figure {output.figure} 2> {log}"
+
+
+rule noise_floor:
+    # The metrics' own noise on a benchmark (real-vs-real and seed-vs-seed null differences), printed under every
+    # table and used to decide what the tables may mark as better (continual_bench/evaluation/noise_floor.py)
+    input:
+        backbone=backbone_input,
+        judge=judge_input,
+        oracle=oracle_input,
+        data=lambda w: f"{data_dir(w.benchmark)}/manifest.csv",
+    output:
+        "{results}/noise_floor/{benchmark}.csv",
+    log:
+        "{results}/noise_floor/{benchmark}.log",
+    params:
+        backbone=lambda w: t2i_backbone(w),
+        data=lambda w: data_dir(w.benchmark),
+        judge=lambda w: judge_dir(w),
+        oracle=lambda w, input: f"--oracle {Path(input.oracle).parent}" if input.oracle else "",
+        ev=lambda w: eval_settings(),
+        device=config["device"],
+    threads: config["threads_per_run"]
+    resources:
+        gpu=1,
+    conda:
+        CONDA_ENV
+    shell:
+        "continual-bench --threads {threads} noise-floor --backbone {params.backbone} --data {params.data} "
+        "--judge {params.judge} {params.oracle} --benchmark {wildcards.benchmark} --eval-settings {params.ev:q} "
+        "--device {params.device} --out {output} 2> {log}"
