@@ -526,3 +526,17 @@ def test_dag_on_fakes_trains_evaluates_and_tables(fake_dag):
                     configfile=fake_dag / "fakes.yaml")
     planned = set(rule_counts(res.stdout)) - {"total", "all"}
     assert "fetch_dataset" in planned and planned <= {"fetch_dataset", "run_config"}  # run_config: the config changed
+
+
+def test_held_out_references_need_min_images_plus_n_eval():
+    """n_eval > 0: an identity qualifies only with min_images training images left after holding out n_eval."""
+    from continual_bench.data.celeba_hq import select_identities
+    from continual_bench.data.paper import split_images
+
+    by_id = {1: list(range(15)), 2: list(range(20)), 3: list(range(25)), 4: list(range(14))}
+    assert select_identities(by_id, min_images=15, pool_size=None, data_seed=0) == [1, 2, 3]
+    assert select_identities(by_id, min_images=15, pool_size=None, data_seed=0, n_eval=5) == [2, 3]
+    with pytest.raises(UserError, match="only 2 identities have at least 20 images"):
+        select_identities(by_id, min_images=15, pool_size=3, data_seed=0, n_eval=5)
+    splits = [s for _, s in split_images(by_id[2], 5)]
+    assert splits.count("train") == 15 and splits[-5:] == ["eval"] * 5

@@ -13,7 +13,9 @@ qualifying identity, sorted by identity id (or, with ``pool_size``, that many dr
 ``random.Random(data_seed).sample``); each run draws its ``n_tasks`` celebrities and their order from the
 pool with its own seed (engine: ``task_sequence``). An identity's images are taken in CelebA-HQ index
 order, at most ``max_images``; the last ``n_eval`` of them are held out as evaluation references (0: all
-train, and evaluation compares with the training images). Generic images ("a photo of a person", the
+train, and evaluation compares with the training images). With ``n_eval > 0`` an identity qualifies only with
+``min_images + n_eval`` images, so every concept still trains on at least ``min_images`` (C-LoRA's rule) and is
+scored against ``n_eval`` real images it never trained on. Generic images ("a photo of a person", the
 reference of relevant-concept forgetting and prior images for methods that use them): ``n_generic``
 images of identities outside the pool, drawn with ``random.Random(data_seed)``. Everything is resized to
 ``resolution`` (512, C-LoRA) and saved as PNG. Prompts never name the class (C-LoRA): captions are only
@@ -83,14 +85,16 @@ def images_by_identity(raw: str | Path) -> dict[int, list[int]]:
 
 
 def select_identities(by_id: dict[int, list[int]], *, min_images: int, pool_size: int | None,
-                      data_seed: int) -> list[int]:
-    """The concept pool: qualifying identities sorted by id, or ``pool_size`` of them drawn with the data seed."""
-    qualifying = sorted(k for k, v in by_id.items() if len(v) >= min_images)
+                      data_seed: int, n_eval: int = 0) -> list[int]:
+    """The concept pool: qualifying identities (``min_images`` training images + ``n_eval`` held out) sorted by id,
+    or ``pool_size`` of them drawn with the data seed."""
+    need = min_images + n_eval
+    qualifying = sorted(k for k, v in by_id.items() if len(v) >= need)
     if pool_size is None:
         return qualifying
     if pool_size > len(qualifying):
         raise UserError(f"celeba_hq: pool_size={pool_size} but only {len(qualifying)} identities have at least "
-                        f"{min_images} images")
+                        f"{need} images (min_images {min_images} + n_eval {n_eval})")
     return random.Random(data_seed).sample(qualifying, pool_size)
 
 
@@ -101,10 +105,11 @@ def prepare_celeba_hq(raw: str | Path, out: str | Path, *, data_seed: int = 0, s
     p = selection_params(m, settings, DEFAULTS)
     raw = Path(raw)
     by_id = images_by_identity(raw)
-    pool = select_identities(by_id, min_images=p["min_images"], pool_size=p["pool_size"], data_seed=data_seed)
+    pool = select_identities(by_id, min_images=p["min_images"], pool_size=p["pool_size"], data_seed=data_seed,
+                             n_eval=p["n_eval"])
     if len(pool) < p["n_concepts"]:
-        raise UserError(f"{raw}: {len(pool)} identities with at least {p['min_images']} images; the benchmark "
-                        f"needs {p['n_concepts']}")
+        raise UserError(f"{raw}: {len(pool)} identities with at least {p['min_images'] + p['n_eval']} images "
+                        f"(min_images + n_eval); the benchmark needs {p['n_concepts']}")
     writer = LayoutWriter(out, p["resolution"])
     caption = class_caption(CLASS_WORD)
     concepts = {}
@@ -120,6 +125,6 @@ def prepare_celeba_hq(raw: str | Path, out: str | Path, *, data_seed: int = 0, s
         writer.add(raw / IMAGES / f"{idx}.jpg", GENERIC, "train", caption)
     meta = {"name": "celeba_hq", "world": "paper", "class_word": CLASS_WORD, "size": p["resolution"],
             "data_seed": data_seed, "manifest": str(m.source), "selection": {"rule": m.selection_rule, "params": p},
-            "n_qualifying": sum(len(v) >= p["min_images"] for v in by_id.values()), "concepts": concepts,
+            "n_qualifying": sum(len(v) >= p["min_images"] + p["n_eval"] for v in by_id.values()), "concepts": concepts,
             "generic_celeba_hq_idx": [idx for _, idx in generic]}
     return writer.finish(meta)

@@ -8,7 +8,8 @@ gldv2_waterfalls`` fetched the metadata (data_manifests/gldv2_waterfalls.yaml):
    writes ``selection.csv``: every candidate landmark with its name, in draw order, and the images it
    would use. The rule (also in the manifest): the category name (after ``Category:``, URL-decoded, ``_``
    read as a space) matches one of ``patterns`` (default: ``waterfall`` in any case, or the whole word
-   ``Falls``), its landmark_id is not in ``exclude``, and it has at least ``min_images`` train images.
+   ``Falls``), its landmark_id is not in ``exclude``, and it has at least ``min_images`` train images
+   (``min_images + n_eval`` when ``n_eval`` images per landmark are held out as evaluation references).
    Candidates are sorted by landmark_id and shuffled with ``random.Random(data_seed)``; each lists its
    first ``max_images`` images by image id.
 2. :func:`fetch_waterfall_images` (``fetch-gldv2-images``) downloads only those images, with
@@ -106,11 +107,12 @@ def select_waterfalls(raw: str | Path, out_csv: str | Path, *, data_seed: int = 
             lid = int(row["landmark_id"])
             if lid in images:
                 images[lid].append((row["id"], row["url"]))
-    candidates = sorted(lid for lid, imgs in images.items() if len(imgs) >= p["min_images"])
+    need = p["min_images"] + p["n_eval"]  # training images + held-out references per concept
+    candidates = sorted(lid for lid, imgs in images.items() if len(imgs) >= need)
     random.Random(data_seed).shuffle(candidates)
     if len(candidates) < p["pool_size"]:
         raise UserError(f"{raw / CATEGORIES_CSV}: {len(candidates)} waterfall landmarks with at least "
-                        f"{p['min_images']} images; pool_size is {p['pool_size']}")
+                        f"{need} images (min_images + n_eval); pool_size is {p['pool_size']}")
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=SELECTION_COLUMNS, lineterminator="\n")
     w.writeheader()
@@ -176,12 +178,12 @@ def fetch_waterfall_images(raw: str | Path, selection_csv: str | Path, out_csv: 
     for rank, lid, name, imgs in _read_selection(Path(selection_csv)):
         if len(pool) < p["pool_size"]:
             res = fetch(imgs)
-            role = "concept" if len(res.ok) >= p["min_images"] else "short"
+            role = "concept" if len(res.ok) >= p["min_images"] + p["n_eval"] else "short"
             if role == "concept":
                 pool.append(lid)
             else:
                 log.warning("gldv2: landmark %d (%s): %d of %d images came through (< %d); skipped", lid, name,
-                            len(res.ok), len(imgs), p["min_images"])
+                            len(res.ok), len(imgs), p["min_images"] + p["n_eval"])
         elif n_generic < p["n_generic"]:
             take = imgs[:min(p["generic_per_landmark"], p["n_generic"] - n_generic)]
             res, role = fetch(take), GENERIC
