@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", required=True)
     p.add_argument("--eval-settings", default="{}", help="the evaluation's settings as JSON (n_samples, "
                    "sample_steps, guidance) (default: %(default)s)")
-    p.add_argument("--max-concepts", type=int, default=10, help="concepts measured, a seeded choice (default: %(default)s)")
+    p.add_argument("--max-concepts", type=int, default=20, help="concepts measured, a seeded choice (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="random splits of each concept's real images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits and samples (default: %(default)s)")
     p.add_argument("--out", required=True, help="CSV to write")

@@ -140,7 +140,7 @@ def summarize_floor(rows: list[dict], benchmark: str) -> pd.DataFrame:
 
 
 def write_noise_floor(*, data_dir, judge, oracle, benchmark: str, out: str | Path, model=None, n_samples: int = 32,
-                      steps: int = 15, guidance: float = 1.5, max_concepts: int = 10, repeats: int = 5,
+                      steps: int = 15, guidance: float = 1.5, max_concepts: int = 20, repeats: int = 5,
                       class_word: str = "", seed: int = 0) -> pd.DataFrame:
     """Measure a benchmark's floor (module docstring) and write it as CSV (atomically)."""
     from ..data.datasets import PreparedDataset

@@ -114,6 +114,8 @@ rule noise_floor:
         oracle=lambda w, input: f"--oracle {Path(input.oracle).parent}" if input.oracle else "",
         ev=lambda w: eval_settings(),
         device=config["device"],
+        concepts=config["noise_floor"]["concepts"],
+        repeats=config["noise_floor"]["repeats"],
     threads: config["threads_per_run"]
     resources:
         gpu=1,
@@ -122,4 +124,4 @@ rule noise_floor:
     shell:
         "continual-bench --threads {threads} noise-floor --backbone {params.backbone} --data {params.data} "
         "--judge {params.judge} {params.oracle} --benchmark {wildcards.benchmark} --eval-settings {params.ev:q} "
-        "--device {params.device} --out {output} 2> {log}"
+        "--max-concepts {params.concepts} --repeats {params.repeats} --device {params.device} --out {output} 2> {log}"
