@@ -307,6 +307,80 @@ def test_paper_config_names_every_method_and_valid_settings():
     assert checked >= 10
 
 
+# A comment that names where a value comes from: a paper or code that was read, REFERENCE.md, or a project choice.
+CLS_SOURCE = re.compile(r"CODA-P|C-LoRA|L2P|DualPrompt|Li & Hoiem|REFERENCE|project|paper_clora_lambda")
+
+
+def cls_setting_comments(text: str) -> dict[tuple[str, str], str]:
+    """(``cls_train`` or a method name, field) -> the comments that cover the paper.yaml line setting it: the
+    comment on its line(s) and the comment lines right above (a ``cls_train`` key, or a whole
+    ``cls_method_settings`` entry, which may span lines)."""
+    data = yaml.safe_load(text)
+    lines = text.splitlines()
+    out: dict[tuple[str, str], str] = {}
+    for section in ("cls_train", "cls_method_settings"):
+        start = next(i for i, ln in enumerate(lines) if ln.startswith(f"{section}:"))
+        end = next((i for i in range(start + 1, len(lines)) if re.match(r"^[A-Za-z_]", lines[i])), len(lines))
+        entry = re.compile(r"^  (\w+):" if section == "cls_method_settings" else r"^\s+(\w+):")
+        starts = [i for i in range(start + 1, end) if entry.match(lines[i])]
+        for k, i in enumerate(starts):
+            stop = starts[k + 1] if k + 1 < len(starts) else end
+            span = [ln for ln in lines[i:stop] if not ln.lstrip().startswith("#")]
+            above, j = [], i - 1
+            while j > start and lines[j].lstrip().startswith("#"):
+                above.append(lines[j])
+                j -= 1
+            comment = " ".join([ln.split("#", 1)[1] for ln in span if "#" in ln] + above)
+            name = entry.match(lines[i]).group(1)
+            if section == "cls_train":
+                out[("cls_train", name)] = comment
+            else:
+                for field in (data[section][name] or {}):
+                    out[(name, field)] = comment
+    return out
+
+
+def cls_source_problems(text: str) -> list[str]:
+    """Every field of every cls method the profile runs must be set in the file itself (cls_method_settings or
+    cls_train; not left to its Settings default, which is the toy profile's value, nor to config/config.yaml)
+    with a comment naming its source."""
+    import dataclasses
+
+    from continual_bench.methods.registry import get_method
+
+    data = yaml.safe_load(text)
+    comments = cls_setting_comments(text)
+    problems = []
+    for name in data["cls_methods"]:
+        for f in dataclasses.fields(get_method("cls", name).Settings):
+            key = (name, f.name) if f.name in (data["cls_method_settings"].get(name) or {}) else \
+                  ("cls_train", f.name) if f.name in (data["cls_train"] or {}) else None
+            if key is None:
+                problems.append(f"cls/{name}.{f.name}: not set in config/paper.yaml, so ImageNet-R runs the Settings "
+                                f"default {f.default!r} (the toy profile's value); set it with a comment naming its source")
+            elif not CLS_SOURCE.search(comments.get(key, "")):
+                where = f"cls_method_settings.{name}" if key[0] == name else "cls_train"
+                problems.append(f"cls/{name}.{f.name}: {where}.{f.name} in config/paper.yaml has no comment naming "
+                                f"its source (got {comments.get(key, '')!r})")
+    return problems
+
+
+def test_paper_profile_names_every_cls_setting_with_its_source():
+    problems = cls_source_problems(PAPER.read_text())
+    assert not problems, "\n".join(problems)
+
+
+def test_cls_source_check_fails_on_a_toy_default_or_a_missing_source():
+    text = PAPER.read_text()
+    assert "lam: 1.0e+8, " in text and "  min_steps: 0              # CODA-P" in text
+    problems = cls_source_problems(text.replace("lam: 1.0e+8, ", ""))  # C-LoRA back on its toy lambda
+    assert problems == ["cls/c_lora.lam: not set in config/paper.yaml, so ImageNet-R runs the Settings default 10000.0 "
+                        "(the toy profile's value); set it with a comment naming its source"]
+    problems = cls_source_problems(text.replace("  min_steps: 0              # CODA-P counts epochs only", "  min_steps: 0 #"))
+    assert len(problems) == 9 and all(".min_steps: cls_train.min_steps in config/paper.yaml has no comment" in p
+                                      for p in problems)
+
+
 def test_paper_dag_plans_every_job(tmp_path):
     res = snakemake(tmp_path, "-n", "--cores", "8", "--quiet", "rules")
     counts = rule_counts(res.stdout + res.stderr)
