@@ -295,7 +295,8 @@ def parse_models(raw: Any, source: str | Path) -> dict[str, ModelSpec]:
             raise UserError(f"{at}: 'repo_id' must be <owner>/<name>, got {repo_id!r}")
         for f in files:
             if f.url.startswith(HF_URL) and not repo_id:
-                raise UserError(f"{at}: {f.path} is on the Hugging Face Hub: set 'repo_id' (fetched with huggingface_hub)")
+                raise UserError(f"{at}: {f.path} is on the Hugging Face Hub: set 'repo_id' "
+                                "(fetched with huggingface_hub)")
             if repo_id and f.url != f"{HF_URL}{repo_id}/resolve/{revision}/{f.path}":
                 raise UserError(f"{at}: {f.path}: URL {f.url} is not {HF_URL}{repo_id}/resolve/{revision}/{f.path} "
                                 f"(repo_id, revision and path)")

@@ -93,9 +93,8 @@ def _read_revision_lock(path: Path, repo_id: str, revision: str) -> str | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if data.get("repo_id") == repo_id and data.get("revision") == revision and _COMMIT.fullmatch(str(data.get("commit"))):
-        return data["commit"]
-    return None
+    ok = data.get("repo_id") == repo_id and data.get("revision") == revision
+    return data["commit"] if ok and _COMMIT.fullmatch(str(data.get("commit"))) else None
 
 
 def fetch_hf_files(spec: ModelSpec, out: Path, lock, *, offline: bool = False, base_url: str | None = None,
@@ -124,9 +123,9 @@ def fetch_hf_files(spec: ModelSpec, out: Path, lock, *, offline: bool = False, b
     rev_lock = out / REVISION_LOCK
     pinned = bool(_COMMIT.fullmatch(revision))
     if not pinned and not allow_unpinned:
-        raise UserError(f"{where}: revision {revision!r} of {repo} is a branch or tag, not a commit, so the weights behind "
-                        f"it can change; write the commit hash (https://huggingface.co/{repo}/commits/{revision}) into "
-                        "revision and the files' URLs, or allow it with paper.allow_unpinned_models: true "
+        raise UserError(f"{where}: revision {revision!r} of {repo} is a branch or tag, not a commit, so the weights "
+                        f"behind it can change; write the commit hash (https://huggingface.co/{repo}/commits/{revision})"
+                        " into revision and the files' URLs, or allow it with paper.allow_unpinned_models: true "
                         f"(--allow-unpinned), which locks the commit it resolves to in {rev_lock}")
     commit = revision if pinned else _read_revision_lock(rev_lock, repo, revision)
     if offline or hf_constants.HF_HUB_OFFLINE:
