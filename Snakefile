@@ -16,9 +16,10 @@ for _key in ("n_tasks", "seeds", "cls_n_tasks", "cls_seeds"):
     if isinstance(config.get(_key), list):
         config[_key] = [int(v) if isinstance(v, str) and v.isdigit() else v for v in config[_key]]
 # ... and strings inside mappings: `--config 'paper={offline: true}'` gives offline="true"
-if isinstance(config.get("paper"), dict) and isinstance(config["paper"].get("offline"), str):
-    _flag = config["paper"]["offline"].strip().lower()
-    config["paper"]["offline"] = {"true": True, "false": False}.get(_flag, config["paper"]["offline"])
+for _key in ("offline", "allow_unpinned_models"):
+    if isinstance(config.get("paper"), dict) and isinstance(config["paper"].get(_key), str):
+        _flag = config["paper"][_key].strip().lower()
+        config["paper"][_key] = {"true": True, "false": False}.get(_flag, config["paper"][_key])
 
 
 validate(config, "workflow/schemas/config.schema.yaml")

@@ -248,7 +248,8 @@ def cmd_fetch_models(a):
 
     names = a.model or sorted(load_models(a.models_file))
     for name in names:
-        out = fetch_model(name, a.resources, offline=a.offline, base_url=a.base_url, models_file=a.models_file)
+        out = fetch_model(name, a.resources, offline=a.offline, base_url=a.base_url, models_file=a.models_file,
+                          allow_unpinned=a.allow_unpinned)
         log.info("model %s ready in %s", name, out)
 
 
@@ -489,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resources", required=True, help="models go to <resources>/<name>/")
     p.add_argument("--model", action="append", default=None, help="a name in models.yaml (repeatable; default: all)")
     p.add_argument("--models-file", default=None, help="default: data_manifests/models.yaml")
+    p.add_argument("--allow-unpinned", action="store_true",
+                   help="accept a Hugging Face revision that is a branch or tag; its commit is resolved once and locked")
     _fetch_args(p)
     p.set_defaults(func=cmd_fetch_models)
 

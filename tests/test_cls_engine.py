@@ -106,3 +106,65 @@ def test_min_steps_floor_adds_epochs_to_small_tasks(cls_world, tmp_path):
     assert [(m["epochs"], m["steps"]) for m in metas] == [(2, 4), (2, 4)]
     with pytest.raises(UserError, match="min_steps >= 0"):
         spec(cls_world, "ft", min_steps=-1)
+
+
+def test_holdout_split_is_per_class_fixed_and_disjoint(cls_world):
+    from continual_bench.data.cls_data import ClsDataset, holdout_split
+
+    ds = ClsDataset(cls_world / "toy_imagenet_r")
+    train = ds.split("train")  # 4 classes x 4 images
+    rest, val = holdout_split(train, 0.25)
+    assert len(val) == 4 and len(rest) == 12
+    assert sorted(val.labels.tolist()) == [0, 1, 2, 3]  # round(0.25 * 4) = 1 image of each class
+    assert not set(val.paths) & set(rest.paths) and set(val.paths) | set(rest.paths) == set(train.paths)
+    again, val2 = holdout_split(ds.split("train"), 0.25)
+    assert val2.paths == val.paths and again.paths == rest.paths  # fixed: no run seed involved
+    assert len(holdout_split(train, 0.01)[1]) == 4  # at least one image per class
+    with pytest.raises(UserError, match=r"val_fraction=0.9: class 0 has 4 training image\(s\); holding out 4 leaves none"):
+        holdout_split(train, 0.9)
+    with pytest.raises(UserError, match=r"cls_train.val_fraction must be in \[0, 1\)"):
+        holdout_split(train, 1.0)
+
+
+def test_val_fraction_evaluates_on_held_out_training_images_only(cls_world, tmp_path, monkeypatch):
+    """val_fraction > 0: the run trains on the rest of the training split and evaluates on the held-out images;
+    the test split is never read (a selection grid cannot see it)."""
+    from continual_bench.data import cls_data
+    from continual_bench.engine.cls import TaskData, write_train_summary
+
+    s = spec(cls_world, "ft_pp", val_fraction=0.5, epochs=1)
+    assert s.eval_split == "val"
+    data = TaskData(s)
+    train_all = set(cls_data.ClsDataset(cls_world / "toy_imagenet_r").split("train").paths)
+    assert set(data.test.paths) <= train_all and not set(data.test.paths) & set(data.train.paths)
+    assert len(data.test) == len(data.train) == 8
+    reads = []
+    real = cls_data.ClsDataset.split
+    monkeypatch.setattr(cls_data.ClsDataset, "split", lambda self, name: reads.append(name) or real(self, name))
+    metas = train_sequence(s, tmp_path)
+    assert reads == ["train"] and len(metas) == 2 and len(metas[1]["acc"]) == 2
+    write_train_summary(s, metas, tmp_path / "train.json")
+    summary = json.loads((tmp_path / "train.json").read_text())
+    assert summary["eval_split"] == "val" and summary["settings"]["val_fraction"] == 0.5
+    assert spec(cls_world, "ft_pp").eval_split == "test"
+    with pytest.raises(UserError, match=r"cls_method_settings.ft.val_fraction must be in \[0, 1\)"):
+        spec(cls_world, "ft", val_fraction=1.0)
+
+
+def test_precision_setting_and_fingerprint_of_new_settings(cls_world):
+    """precision is validated; settings added in issue 15 at their toy values leave the checkpoint fingerprint as
+    it was (an interrupted toy run resumes), other values change it."""
+    from continual_bench.engine.cls import FINGERPRINT_NEUTRAL
+    from continual_bench.utils import config_hash
+
+    with pytest.raises(UserError, match=r"cls_method_settings.coda_p.precision must be one of bf16, fp32, got 'fp16'"):
+        spec(cls_world, "coda_p", precision="fp16")
+    s = spec(cls_world, "l2p_pp")
+    base = s.fingerprint()
+    assert {k: getattr(s.settings, k) for k in ("val_fraction", "precision", "key_loss")} == {
+        k: FINGERPRINT_NEUTRAL[k] for k in ("val_fraction", "precision", "key_loss")}
+    old = {k: v for k, v in s.settings.__dict__.items() if k not in FINGERPRINT_NEUTRAL}  # the settings before them
+    assert config_hash({"settings": old}) != config_hash({"settings": s.settings.__dict__})  # so they must be dropped
+    for change in ({"precision": "fp32"}, {"key_loss": "coda_p"}, {"val_fraction": 0.5}):
+        assert spec(cls_world, "l2p_pp", **change).fingerprint() != base, change
+    assert spec(cls_world, "dualprompt", test_keys="pool").fingerprint() != spec(cls_world, "dualprompt").fingerprint()

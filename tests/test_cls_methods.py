@@ -263,3 +263,168 @@ def test_cosine_schedule_is_coda_prompts():
     assert cosine_factor(0, 50) == 1.0
     assert cosine_factor(49, 50) == pytest.approx(math.cos(99 * math.pi / 200))
     assert cosine_factor(0, 1) == 1.0
+
+
+# ------------------------------------------------------------------------------------------- issue 15: CODA-P's exact forms
+def test_l2p_pp_key_loss_forms_against_a_hand_computation():
+    """per_sample (L2P eq. 5, the toy default) vs coda_p (CODA-P's ``(1 - cos_sim[:, k_idx]).sum()``, B x B x k)."""
+    from continual_bench.methods.cls.l2p_pp import key_matching_loss
+
+    cos = torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.8, 0.6]])
+    idx = torch.tensor([[0, 1], [1, 2]])  # each row's top-2
+    # per sample: (1 - .9) + (1 - .5) + (1 - .8) + (1 - .6) = 1.2
+    assert key_matching_loss(cos, idx, "per_sample").item() == pytest.approx(1.2)
+    # CODA-P: every row against every row's choice {0, 1, 1, 2}: row 0: .1 + .5 + .5 + .9 = 2.0; row 1: .8 + .2 + .2 + .4
+    assert key_matching_loss(cos, idx, "coda_p").item() == pytest.approx(2.0 + 1.6)
+    # the same as CODA-P's indexing written out (B x B x k block) and as the form before issue 15 (own top-k values)
+    assert key_matching_loss(cos, idx, "coda_p").item() == pytest.approx(float((1 - cos[:, idx]).sum()))
+    torch.testing.assert_close(key_matching_loss(cos, idx, "per_sample"), (1 - torch.topk(cos, 2, dim=1).values).sum())
+    with pytest.raises(ValueError, match="key_loss"):
+        key_matching_loss(cos, idx, "mean")
+
+
+@pytest.mark.parametrize("form, expected", [("per_sample", 1.2), ("coda_p", 1.8 + 2.0)])
+def test_l2p_pp_training_loss_uses_the_configured_form(form, expected):
+    m = make("l2p_pp", pool=3, length=2, top_k=2, key_loss=form)
+    with torch.no_grad():
+        m.net["prompt"].k_0.copy_(torch.eye(3, 16))  # key j = e_j: cos(q, k_j) = q_j / |q|
+    q = torch.zeros(2, 16)
+    q[0, :3] = torch.tensor([3.0, 4.0, 0.0])  # cos = (.6, .8, 0): top-2 = keys 1, 0
+    q[1, :3] = torch.tensor([0.0, 3.0, 4.0])  # cos = (0, .6, .8): top-2 = keys 2, 1
+    m._aux = []
+    m.prefixes(q, train=True)
+    # per_sample: (.2 + .4) + (.2 + .4); coda_p: row 0 on keys {1, 0, 2, 1}: .2 + .4 + 1 + .2; row 1: .4 + 1 + .2 + .4
+    assert m._aux[0].item() == pytest.approx(expected)
+
+
+def test_l2p_pp_key_loss_defaults_and_errors():
+    from continual_bench.utils import UserError
+
+    assert make("l2p_pp").settings.key_loss == "per_sample"  # the toy default: results/toy_cls ran with it
+    with pytest.raises(UserError, match=r"cls_method_settings.l2p_pp.key_loss must be one of per_sample, coda_p, "
+                                        r"got 'batch'"):
+        make("l2p_pp", key_loss="batch")
+
+
+def test_dualprompt_test_time_selection_seen_vs_pool_by_hand():
+    """After task 1 of 3: 'seen' scores key 0 only; 'pool' (CODA-P) also the untrained keys of tasks 2 and 3."""
+    q = torch.zeros(2, 16)
+    q[0, 0], q[1, 1] = 1.0, 1.0
+    keys = torch.zeros(3, 16)
+    keys[0, :2] = torch.tensor([0.6, 0.8])  # cos with q0 .6, with q1 .8
+    keys[1, 0] = 1.0  # a future task's key: cos with q0 1, with q1 0
+    keys[2, :2] = torch.tensor([0.0, -1.0])  # cos with q1 -1
+    picks = {}
+    for mode in ("seen", "pool"):
+        m = make("dualprompt", n_classes=6, n_tasks=3, test_keys=mode)
+        with torch.no_grad():
+            for l in m.e_layers:
+                getattr(m.net["prompt"], f"k_{l}").copy_(keys)
+        m.task_id = 0  # after task 1
+        picks[mode] = m.select(q, 2, train=False).tolist()
+        m.task_id = 1  # after task 2: key 1 is now a learned task's
+        picks[mode + "2"] = m.select(q, 2, train=False).tolist()
+    assert picks["seen"] == [0, 0] and picks["pool"] == [1, 0]
+    assert picks["seen2"] == picks["pool2"] == [1, 0]
+    # the prefixes follow the selection
+    m = make("dualprompt", n_classes=6, n_tasks=3, test_keys="pool")
+    with torch.no_grad():
+        m.net["prompt"].k_2.copy_(keys)
+    pk, _ = m.prefixes(q, train=False)[2]
+    torch.testing.assert_close(pk[0], m.net["prompt"].e_2[1, :10])
+
+
+def test_dualprompt_test_keys_default_and_error():
+    from continual_bench.utils import UserError
+
+    assert make("dualprompt").settings.test_keys == "seen"  # the toy default: results/toy_cls ran with it
+    with pytest.raises(UserError, match=r"cls_method_settings.dualprompt.test_keys must be one of seen, pool, got 'all'"):
+        make("dualprompt", test_keys="all")
+
+
+def test_matching_selection_and_logits_stay_fp32_under_bf16_autocast():
+    """The engine runs the backbone under bf16 autocast on GPU; CODA-P computes key matching, top-k selection,
+    its attention weights and the logits in fp32. CPU autocast stands in for CUDA's here."""
+    from continual_bench.methods.cls.coda_p import CodaPromptPool
+    from continual_bench.methods.cls.prompting import cosine_matrix
+
+    g = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(4, 16, generator=g), torch.randn(7, 16, generator=g)
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    with bf16():
+        cos = cosine_matrix(q, keys)
+        assert (q @ keys.T).dtype == torch.bfloat16  # autocast is on: a plain matmul drops to bf16
+    assert cos.dtype == torch.float32
+    torch.testing.assert_close(cos, cosine_matrix(q, keys), rtol=0, atol=0)
+    K, A, P = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g), torch.randn(3, 4, 16, generator=g)
+    with bf16():
+        prompt, alpha = CodaPromptPool.combine(q, K, A, P)
+    assert alpha.dtype == prompt.dtype == torch.float32
+    torch.testing.assert_close(alpha, CodaPromptPool.combine(q, K, A, P)[1], rtol=0, atol=0)
+
+    x = torch.rand(3, 3, 16, 16, generator=g)
+    t1, t2 = tasks()
+    for name in ("l2p", "l2p_pp", "dualprompt", "coda_p", "ft", "lwf", "c_lora", "upper_bound", "ft_pp"):
+        m = make(name, rank=2) if name == "c_lora" else make(name)
+        m.begin_task(t1)
+        m.eval()
+        with bf16():
+            logits = m.logits(x)
+        assert logits.dtype == torch.float32, name
+        if name == "dualprompt":
+            with bf16():
+                sel = m.select(q, 2, train=False)
+            assert torch.equal(sel, m.select(q, 2, train=False))
+    m = make("l2p_pp")
+    m.train()
+    with bf16():
+        m.loss(batch(t1))
+    assert m._aux[0].dtype == torch.float32  # the matching loss
+    m = make("c_lora", rank=2)
+    m.begin_task(t1)
+    m.end_task(t1)
+    m2 = make("c_lora", rank=2)
+    m2.load_state(m.state_dict(), [t1])
+    m2.begin_task(t2)
+    with torch.no_grad():
+        for a, b in m2.lora_pairs().values():
+            b.weight.normal_()
+    with bf16():
+        assert m2.penalty().dtype == torch.float32
+        assert m2.loss(batch(t2))["penalty"].dtype == torch.float32
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_engine_autocast_follows_precision():
+    from continual_bench.engine.cls import _amp
+
+    assert _amp("cpu", "bf16")() is not None and not isinstance(_amp("cpu", "bf16")(), torch.autocast)
+    assert isinstance(_amp("cuda", "bf16")(), torch.autocast)
+    assert not isinstance(_amp("cuda", "fp32")(), torch.autocast)
+
+
+def test_c_lora_kv_targets_leave_the_query_rows_unadapted():
+    """targets='kv': the fused qkv layer's LoRA updates only the K and V outputs (rows D..3D), exactly."""
+    from continual_bench.utils import UserError
+
+    t1, _ = tasks()
+    D = 16
+    for targets, q_moves in (("kv", False), ("qkv", True)):
+        m = make("c_lora", rank=2, targets=targets)
+        assert len(m.targets) == 5 and all(t.endswith("attn.qkv") for t in m.targets)
+        m.begin_task(t1)
+        opt = torch.optim.Adam([p for g in m.param_groups() for p in g["params"]], lr=1e-2)
+        for _ in range(2):
+            opt.zero_grad()
+            m.loss(batch(t1))["loss"].backward()
+            opt.step()
+        for n in m.targets:
+            d = m.delta(n).detach()
+            assert d.shape == (3 * D, D)
+            assert (d[:D].abs().sum() > 0) == q_moves, (targets, n)
+            assert d[D:].abs().sum() > 0
+    assert make("c_lora").settings.targets == "qkv"  # toy default: today's behaviour
+    m = make("c_lora", rank=2, targets="kv,proj")
+    assert len(m.targets) == 10
+    with pytest.raises(UserError, match=r"c_lora.targets: expected one of qkv, kv, qkv,proj, kv,proj, got 'q'"):
+        make("c_lora", targets="q")

@@ -411,7 +411,7 @@ def test_checker_reports_a_wrong_claim():
     assert claim_problems([row("`lam`", "`1e7` (paper.yaml)", "")], settings, profs)  # wrong value
     assert claim_problems([row("`lam`", "", "`10.0` (default)")], settings, profs)  # toy_full sets it
     assert claim_problems([row("`lam`", "", "`1e4` (default)", track="cls")], settings, profs) == []
-    assert claim_problems([row("`lam`", "`1e4` (paper.yaml)", "", track="cls")], settings, profs)  # not set there
+    assert claim_problems([row("`lam`", "`1e4` (paper.yaml)", "", track="cls")], settings, profs)  # paper sets 1e8
     assert claim_problems([row("`evaluation.guidance`", "`5.0` (paper.yaml)", "", method="*all*")], settings, profs)
     assert claim_problems([row("lam and rank", "`1e8` (paper.yaml)", "")], settings, profs)  # unclear setting
 

@@ -177,14 +177,54 @@ class _Mirror(ThreadingHTTPServer):
     daemon_threads = True
 
 
+HUB_LFS = (".safetensors", ".bin", ".pth", ".pt")
+
+
 class _QuietHandler(SimpleHTTPRequestHandler):
+    """The mirror's files; under ``/huggingface.co/<owner>/<name>/resolve/<revision>/<path>`` it answers as the
+    Hugging Face Hub does for huggingface_hub's HEAD and GET: a branch is looked up in ``<owner>/<name>/refs/<branch>``
+    (a file holding the commit), and the response names the commit (``X-Repo-Commit``) and the file's ``ETag``:
+    the sha256 for LFS files (``X-Linked-Etag``, ``X-Linked-Size``; a ``<file>.etag`` beside it overrides it, to
+    fake a hub that announces another file), the git blob sha1 for the others."""
+
     def log_message(self, format, *args):
         pass
+
+    def send_head(self):
+        self._hub = {}
+        m = re.fullmatch(r"/huggingface\.co/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", self.path.split("?")[0])
+        if m:
+            repo, rev, rel = m.groups()
+            base = Path(self.directory) / "huggingface.co" / repo
+            if not re.fullmatch(r"[0-9a-f]{40}", rev):
+                ref = base / "refs" / rev
+                if not ref.is_file():
+                    self.send_error(404, "Revision Not Found")
+                    return None
+                rev = ref.read_text().strip()
+            f = base / "resolve" / rev / rel
+            if f.is_file():
+                data = f.read_bytes()
+                if rel.endswith(HUB_LFS):
+                    override = f.with_name(f.name + ".etag")
+                    etag = override.read_text().strip() if override.is_file() else hashlib.sha256(data).hexdigest()
+                    self._hub = {"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data))}
+                else:
+                    etag = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+                self._hub.update({"X-Repo-Commit": rev, "ETag": f'"{etag}"'})
+            self.path = f"/huggingface.co/{repo}/resolve/{rev}/{rel}"
+        return super().send_head()
+
+    def end_headers(self):
+        for k, v in getattr(self, "_hub", {}).items():
+            self.send_header(k, v)
+        super().end_headers()
 
 
 @contextlib.contextmanager
 def serve(directory: Path):
-    """Serve ``directory`` on 127.0.0.1 (a mirror: <base_url>/<host>/<path>); yields the base URL."""
+    """Serve ``directory`` on 127.0.0.1 (a mirror: <base_url>/<host>/<path>, Hub paths answered as the Hub
+    does); yields the base URL."""
     srv = _Mirror(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(directory)))
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -307,6 +347,80 @@ def test_paper_config_names_every_method_and_valid_settings():
     assert checked >= 10
 
 
+# A comment that names where a value comes from: a paper or code that was read, REFERENCE.md, or a project choice.
+CLS_SOURCE = re.compile(r"CODA-P|C-LoRA|L2P|DualPrompt|Li & Hoiem|REFERENCE|project|paper_clora_lambda")
+
+
+def cls_setting_comments(text: str) -> dict[tuple[str, str], str]:
+    """(``cls_train`` or a method name, field) -> the comments that cover the paper.yaml line setting it: the
+    comment on its line(s) and the comment lines right above (a ``cls_train`` key, or a whole
+    ``cls_method_settings`` entry, which may span lines)."""
+    data = yaml.safe_load(text)
+    lines = text.splitlines()
+    out: dict[tuple[str, str], str] = {}
+    for section in ("cls_train", "cls_method_settings"):
+        start = next(i for i, ln in enumerate(lines) if ln.startswith(f"{section}:"))
+        end = next((i for i in range(start + 1, len(lines)) if re.match(r"^[A-Za-z_]", lines[i])), len(lines))
+        entry = re.compile(r"^  (\w+):" if section == "cls_method_settings" else r"^\s+(\w+):")
+        starts = [i for i in range(start + 1, end) if entry.match(lines[i])]
+        for k, i in enumerate(starts):
+            stop = starts[k + 1] if k + 1 < len(starts) else end
+            span = [ln for ln in lines[i:stop] if not ln.lstrip().startswith("#")]
+            above, j = [], i - 1
+            while j > start and lines[j].lstrip().startswith("#"):
+                above.append(lines[j])
+                j -= 1
+            comment = " ".join([ln.split("#", 1)[1] for ln in span if "#" in ln] + above)
+            name = entry.match(lines[i]).group(1)
+            if section == "cls_train":
+                out[("cls_train", name)] = comment
+            else:
+                for field in (data[section][name] or {}):
+                    out[(name, field)] = comment
+    return out
+
+
+def cls_source_problems(text: str) -> list[str]:
+    """Every field of every cls method the profile runs must be set in the file itself (cls_method_settings or
+    cls_train; not left to its Settings default, which is the toy profile's value, nor to config/config.yaml)
+    with a comment naming its source."""
+    import dataclasses
+
+    from continual_bench.methods.registry import get_method
+
+    data = yaml.safe_load(text)
+    comments = cls_setting_comments(text)
+    problems = []
+    for name in data["cls_methods"]:
+        for f in dataclasses.fields(get_method("cls", name).Settings):
+            key = (name, f.name) if f.name in (data["cls_method_settings"].get(name) or {}) else \
+                  ("cls_train", f.name) if f.name in (data["cls_train"] or {}) else None
+            if key is None:
+                problems.append(f"cls/{name}.{f.name}: not set in config/paper.yaml, so ImageNet-R runs the Settings "
+                                f"default {f.default!r} (the toy profile's value); set it with a comment naming its source")
+            elif not CLS_SOURCE.search(comments.get(key, "")):
+                where = f"cls_method_settings.{name}" if key[0] == name else "cls_train"
+                problems.append(f"cls/{name}.{f.name}: {where}.{f.name} in config/paper.yaml has no comment naming "
+                                f"its source (got {comments.get(key, '')!r})")
+    return problems
+
+
+def test_paper_profile_names_every_cls_setting_with_its_source():
+    problems = cls_source_problems(PAPER.read_text())
+    assert not problems, "\n".join(problems)
+
+
+def test_cls_source_check_fails_on_a_toy_default_or_a_missing_source():
+    text = PAPER.read_text()
+    assert "lam: 1.0e+8, " in text and "  min_steps: 0              # CODA-P" in text
+    problems = cls_source_problems(text.replace("lam: 1.0e+8, ", ""))  # C-LoRA back on its toy lambda
+    assert problems == ["cls/c_lora.lam: not set in config/paper.yaml, so ImageNet-R runs the Settings default 10000.0 "
+                        "(the toy profile's value); set it with a comment naming its source"]
+    problems = cls_source_problems(text.replace("  min_steps: 0              # CODA-P counts epochs only", "  min_steps: 0 #"))
+    assert len(problems) == 9 and all(".min_steps: cls_train.min_steps in config/paper.yaml has no comment" in p
+                                      for p in problems)
+
+
 def test_paper_dag_plans_every_job(tmp_path):
     res = snakemake(tmp_path, "-n", "--cores", "8", "--quiet", "rules")
     counts = rule_counts(res.stdout + res.stderr)
@@ -381,7 +495,29 @@ def _tiny_openai_clip(path: Path) -> Path:
     return path
 
 
-def test_fetch_models_from_a_mirror_and_build_the_paper_judge(tmp_path, tiny_pipeline, fake_inception):
+@pytest.fixture
+def hub_online(monkeypatch):
+    """huggingface_hub as online (tests run with HF_HUB_OFFLINE=1), without its best-effort registry request to
+    huggingface.co; every request then goes to the 127.0.0.1 endpoint the fetcher is given."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _detect_agent
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(_detect_agent, "_fetch_registry", lambda: None, raising=False)
+
+
+FAKE_VIT_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _pin(spec: dict, commit: str) -> None:
+    """What a user does before the first paper run: write a commit into revision and the URLs."""
+    old = spec["revision"]
+    spec["revision"] = commit
+    for f in spec["files"]:
+        f["url"] = f["url"].replace(f"/resolve/{old}/", f"/resolve/{commit}/")
+
+
+def test_fetch_models_from_a_mirror_and_build_the_paper_judge(tmp_path, tiny_pipeline, fake_inception, hub_online):
     import torch
 
     from continual_bench.backbones.t2i import load_pipeline
@@ -409,7 +545,8 @@ def test_fetch_models_from_a_mirror_and_build_the_paper_judge(tmp_path, tiny_pip
     data = fake_inception.read_bytes()
     _put(mirror, inc["url"].split("://", 1)[1], data)
     inc["sha256_prefix"] = _sha(data)[:8]
-    # ViT-B/16 (timm layout): two small files stand in for it
+    # ViT-B/16 (timm layout): two small files stand in for it, at a commit the test pins (models.yaml ships `main`)
+    _pin(spec["vit_b_16"], FAKE_VIT_COMMIT)
     for f in spec["vit_b_16"]["files"]:
         _put(mirror, f["url"].split("://", 1)[1], b'{"architecture": "vit_base_patch16_224"}' if f["path"] == "config.json"
              else b"not really safetensors")
@@ -419,9 +556,11 @@ def test_fetch_models_from_a_mirror_and_build_the_paper_judge(tmp_path, tiny_pip
     with serve(mirror) as base_url:
         for name in ("stable_diffusion", "clip_vit_b_32", "inception_kid", "vit_b_16"):
             fetch_model(name, res, base_url=base_url, models_file=models_file, backoff=0.0)
-    assert json.loads((res / "stable_diffusion" / "fetched.json").read_text())["revision"] == rev
+    record = json.loads((res / "stable_diffusion" / "fetched.json").read_text())
+    assert record["revision"] == record["commit"] == rev and record["repo_id"] == "CompVis/stable-diffusion-v1-4"
     locked = json.loads((res / "stable_diffusion" / "checksums.lock.json").read_text())["sha256"]
-    assert "unet/diffusion_pytorch_model.safetensors" in locked
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert locked[unet] == record["files"][unet]["sha256"] == record["hub_etag"][unet]  # the hub's LFS sha256
     pipe = load_pipeline(res / "stable_diffusion")  # the fetched folder loads offline as it is
     assert pipe.unet.config.sample_size == 16
     # offline: present files verify against the lock without a server; a missing one is named
@@ -439,6 +578,75 @@ def test_fetch_models_from_a_mirror_and_build_the_paper_judge(tmp_path, tiny_pip
     x = torch.rand(2, 3, 24, 24)
     assert judge.kid_extractor is not None and judge.kid_features(x).shape == (2, 2048)  # KID on Inception
     assert judge.image_features(x).shape == (2, 32) and judge.text_features(["a photo of a person"]).shape == (1, 32)
+
+
+COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
+
+
+def test_hub_models_are_fetched_at_a_pinned_commit(tmp_path, hub_online, monkeypatch):
+    """models.yaml ships vit_b_16 at `main`: refused unless allowed; allowed, `main` is resolved once and every later
+    fetch uses that commit; files are checked against the hub's LFS sha256 and the checksum lock."""
+    from huggingface_hub import constants
+
+    from continual_bench.data.manifests import parse_models
+    from continual_bench.data.model_resources import fetch_model
+
+    models = yaml.safe_load((REPO / "data_manifests" / "models.yaml").read_text())
+    spec = models["models"]["vit_b_16"]
+    assert spec["revision"] == "main" and spec["repo_id"] == "timm/vit_base_patch16_224.augreg_in21k_ft_in1k"
+    mirror, res = tmp_path / "mirror", tmp_path / "res"
+    hub = mirror / "huggingface.co" / spec["repo_id"]
+    for commit, weights in ((COMMIT_A, b"weights at A"), (COMMIT_B, b"weights at B")):
+        _put(hub, f"resolve/{commit}/config.json", b'{"architecture": "vit_base_patch16_224"}')
+        _put(hub, f"resolve/{commit}/model.safetensors", weights)
+    _put(hub, "refs/main", COMMIT_A.encode())
+    models_file = tmp_path / "models.yaml"
+    models_file.write_text(yaml.safe_dump(models, sort_keys=False))
+    weights = res / "vit_b_16" / "model.safetensors"
+    with serve(mirror) as base_url:
+        fetch = functools.partial(fetch_model, "vit_b_16", res, base_url=base_url, models_file=models_file)
+        with pytest.raises(UserError, match=r"models.vit_b_16: revision 'main' of timm/vit_base_patch16_224.augreg_in21k_"
+                                            r"ft_in1k is a branch or tag, not a commit.*paper.allow_unpinned_models"):
+            fetch()
+        assert not weights.exists()
+        fetch(allow_unpinned=True)  # resolved once: main -> A, locked
+        assert weights.read_bytes() == b"weights at A"
+        assert json.loads((res / "vit_b_16" / "revision.lock.json").read_text())["commit"] == COMMIT_A
+        assert json.loads((res / "vit_b_16" / "fetched.json").read_text())["commit"] == COMMIT_A
+        (hub / "refs" / "main").write_text(COMMIT_B)  # the branch moves on the hub
+        weights.unlink()
+        fetch(allow_unpinned=True)  # the locked commit, not the moved branch
+        assert weights.read_bytes() == b"weights at A"
+        (res / "vit_b_16" / "revision.lock.json").unlink()
+        weights.unlink()
+        with pytest.raises(UserError, match="model.safetensors: sha256 mismatch with .*checksums.lock.json"):
+            fetch(allow_unpinned=True)  # resolving main again gives B's weights: the checksum lock refuses them
+        assert not weights.exists()
+
+        # pinned to a commit: no refusal; a file that is not the one the hub announces (LFS sha256) is refused
+        _pin(spec, COMMIT_A)
+        models_file.write_text(yaml.safe_dump(models, sort_keys=False))
+        (hub / "resolve" / COMMIT_A / "model.safetensors.etag").write_text("0" * 64)
+        with pytest.raises(UserError, match="does not match the hub's LFS sha256 0000"):
+            fetch_model("vit_b_16", tmp_path / "res2", base_url=base_url, models_file=models_file)
+        assert not (tmp_path / "res2" / "vit_b_16" / "model.safetensors").exists()
+        (hub / "resolve" / COMMIT_A / "model.safetensors.etag").unlink()
+        fetch_model("vit_b_16", tmp_path / "res2", base_url=base_url, models_file=models_file)
+    # HF_HUB_OFFLINE: no request; present files verify against the lock, a missing one is named
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    fetch_model("vit_b_16", tmp_path / "res2", models_file=models_file)
+    (tmp_path / "res2" / "vit_b_16" / "config.json").unlink()
+    with pytest.raises(UserError, match=r"config.json: missing, and offline is set.*HF_HUB_OFFLINE=1 is set"):
+        fetch_model("vit_b_16", tmp_path / "res2", models_file=models_file)
+    # models.yaml: a Hub file needs repo_id, and its URL must be <repo_id>/resolve/<revision>/<path>
+    raw = yaml.safe_load((REPO / "data_manifests" / "models.yaml").read_text())
+    del raw["models"]["vit_b_16"]["repo_id"]
+    with pytest.raises(UserError, match="config.json is on the Hugging Face Hub: set 'repo_id'"):
+        parse_models(raw, "models.yaml")
+    raw = yaml.safe_load((REPO / "data_manifests" / "models.yaml").read_text())
+    raw["models"]["vit_b_16"]["revision"] = COMMIT_A
+    with pytest.raises(UserError, match=r"config.json: URL .*/resolve/main/config.json is not .*/resolve/aaaa"):
+        parse_models(raw, "models.yaml")
 
 
 def test_judge_dispatch_and_missing_files(tmp_path):

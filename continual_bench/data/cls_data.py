@@ -93,6 +93,30 @@ class ClsDataset:
         return Split([r.path for r in recs], np.array([int(r.concept) for r in recs], dtype=np.int64))
 
 
+def holdout_split(train: Split, fraction: float, where: str = "cls_train.val_fraction") -> tuple[Split, Split]:
+    """(rest, held out): per class, ``max(1, round(fraction * n))`` of its ``n`` training images held out.
+
+    Which images is fixed per dataset class: a numpy permutation seeded with ``stable_seed("cls-val", label)``,
+    independent of the run's seed, method and settings, so every run of a selection grid validates on the same
+    images; both parts keep the manifest's order. A class that would keep no training image is an error
+    naming ``where``."""
+    from ..utils import stable_seed
+
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"{where} must be in [0, 1) (0 = off), got {fraction!r}")
+    held = np.zeros(len(train), dtype=bool)
+    for label in np.unique(train.labels):
+        idx = np.nonzero(train.labels == label)[0]
+        n_val = max(1, int(round(fraction * len(idx))))
+        if n_val >= len(idx):
+            raise UserError(f"{where}={fraction}: class {int(label)} has {len(idx)} training image(s); holding out "
+                            f"{n_val} leaves none to train on")
+        perm = np.random.default_rng(stable_seed("cls-val", int(label))).permutation(len(idx))
+        held[idx[perm[:n_val]]] = True
+    pick = lambda mask: Split([p for p, k in zip(train.paths, mask) if k], train.labels[mask])  # noqa: E731
+    return pick(~held), pick(held)
+
+
 def load_split_tensor(split: Split, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All images of ``split`` in memory as uint8 (N, 3, H, W) and their label ids (for small datasets)."""
     if len(split) == 0:

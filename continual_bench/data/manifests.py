@@ -31,9 +31,12 @@ the file and the key. Layout::
 ``toy.yaml`` describes generated data and has another layout; it is not loaded here.
 
 ``data_manifests/models.yaml`` lists the paper profile's pretrained models (:func:`load_models`): per
-model the same keys minus ``selection``, plus ``revision`` (the pinned Hugging Face commit or tag; every
-``huggingface.co`` URL must resolve that revision) and ``format`` (how the fetched files become a local
-resource, see :mod:`continual_bench.data.model_resources`).
+model the same keys minus ``selection``, plus ``revision`` (the Hugging Face commit, or a release tag for
+other hosts), ``format`` (how the fetched files become a local resource, see
+:mod:`continual_bench.data.model_resources`) and, for a model on the Hugging Face Hub, ``repo_id``: its files
+are then fetched with ``huggingface_hub`` at ``revision``, and every file's ``url`` must be
+``https://huggingface.co/<repo_id>/resolve/<revision>/<path>`` (it documents the file; the hub client builds
+its own request from repo_id, revision and path).
 """
 from __future__ import annotations
 
@@ -229,7 +232,8 @@ def load_manifest(path: str | Path) -> Manifest:
 MODELS_FILE = MANIFEST_DIR / "models.yaml"
 MODEL_FORMATS = ("diffusers", "open_clip_openai", "inception_weights", "timm")
 _MODEL_KEYS = {"title": True, "homepage": True, "license": True, "revision": True, "format": True, "files": True,
-               "citation": False, "notes": False}
+               "citation": False, "notes": False, "repo_id": False}
+HF_URL = "https://huggingface.co/"
 
 
 def _check_keys(at: str, raw: dict, spec: dict[str, bool]) -> None:
@@ -257,6 +261,7 @@ class ModelSpec:
     citation: str = ""
     notes: str = ""
     source: Path | None = None
+    repo_id: str = ""  # a Hugging Face Hub repository: fetched with huggingface_hub at ``revision``
 
     def as_manifest(self) -> Manifest:
         """The same files as a dataset :class:`Manifest`, so that ``fetch_manifest`` fetches them."""
@@ -285,14 +290,22 @@ def parse_models(raw: Any, source: str | Path) -> dict[str, ModelSpec]:
         files = tuple(_file_entry(f"{at}: files[{i}]", f) for i, f in enumerate(entry["files"]))
         if len({f.path for f in files}) != len(files):
             raise UserError(f"{at}: a path appears twice in 'files'")
+        repo_id = _text(at, "repo_id", entry.get("repo_id"), required=False)
+        if repo_id and not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+            raise UserError(f"{at}: 'repo_id' must be <owner>/<name>, got {repo_id!r}")
         for f in files:
-            if f.url.startswith("https://huggingface.co/") and f"/resolve/{revision}/" not in f.url:
-                raise UserError(f"{at}: {f.path}: URL {f.url} does not resolve the pinned revision {revision}")
+            if f.url.startswith(HF_URL) and not repo_id:
+                raise UserError(f"{at}: {f.path} is on the Hugging Face Hub: set 'repo_id' "
+                                "(fetched with huggingface_hub)")
+            if repo_id and f.url != f"{HF_URL}{repo_id}/resolve/{revision}/{f.path}":
+                raise UserError(f"{at}: {f.path}: URL {f.url} is not {HF_URL}{repo_id}/resolve/{revision}/{f.path} "
+                                f"(repo_id, revision and path)")
         out[name] = ModelSpec(name=name, title=_text(at, "title", entry["title"], required=True),
                               homepage=_url(at, "homepage", entry["homepage"]),
                               license=_text(at, "license", entry["license"], required=True), revision=revision,
                               format=fmt, files=files, citation=_text(at, "citation", entry.get("citation"), required=False),
-                              notes=_text(at, "notes", entry.get("notes"), required=False), source=Path(source))
+                              notes=_text(at, "notes", entry.get("notes"), required=False), source=Path(source),
+                              repo_id=repo_id)
     return out
 
 

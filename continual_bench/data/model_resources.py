@@ -1,8 +1,14 @@
 """Pretrained models of the paper profile as local resources (``data_manifests/models.yaml``).
 
-:func:`fetch_model` fetches one model's files into ``<resources>/<name>/`` with the dataset fetcher
-(verified, resumable, checksum-locked; ``offline`` verifies what is there and names what is missing), turns
-them into the local format the code loads, and writes ``fetched.json`` last (the workflow's output):
+:func:`fetch_model` fetches one model's files into ``<resources>/<name>/``, turns them into the local format
+the code loads, and writes ``fetched.json`` last (the workflow's output). Models on the Hugging Face Hub (a
+``repo_id`` in models.yaml) are fetched with ``huggingface_hub`` (:func:`fetch_hf_files`: revision, token,
+retries, progress bars and ``HF_ENDPOINT`` / ``HF_HUB_OFFLINE`` come with it) at a **pinned commit**: a branch or
+tag is refused unless ``allow_unpinned``, and then resolved once and locked in ``revision.lock.json``. Every
+file's sha256 is checked against the hub's LFS sha256 when it announces one and recorded in (or verified
+against) ``checksums.lock.json``. Other models use the dataset fetcher (verified, resumable, checksum-locked).
+``offline`` (or ``HF_HUB_OFFLINE=1`` for hub models) downloads nothing: it verifies what is there against the
+locks and names what is missing.
 
 * ``diffusers`` (Stable Diffusion): the files already are a ``save_pretrained`` folder; loading it offline
   is :func:`continual_bench.backbones.t2i.load_pipeline`.
@@ -21,22 +27,27 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 from ..utils import UserError, atomic_write_json
-from .manifests import load_models
+from .manifests import ModelSpec, load_models
 
 log = logging.getLogger("continual_bench")
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 JUDGE_FILE = "judge.json"
+REVISION_LOCK = "revision.lock.json"
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def fetch_model(name: str, resources: str | Path, *, offline: bool = False, base_url: str | None = None,
-                models_file: str | Path | None = None, **kwargs) -> Path:
-    """Fetch (or verify, offline) model ``name`` into ``<resources>/<name>/``; return that folder."""
+                models_file: str | Path | None = None, allow_unpinned: bool = False, **kwargs) -> Path:
+    """Fetch (or verify, offline) model ``name`` into ``<resources>/<name>/``; return that folder.
+    ``allow_unpinned``: accept a Hugging Face revision that is not a commit (see :func:`fetch_hf_files`)."""
     from .fetch import ChecksumLock, fetch_manifest, write_fetch_record
 
     models = load_models(models_file)
@@ -45,16 +56,133 @@ def fetch_model(name: str, resources: str | Path, *, offline: bool = False, base
     spec = models[name]
     out = Path(resources) / name
     lock = ChecksumLock(out / "checksums.lock.json")
-    files = fetch_manifest(spec.as_manifest(), out, lock=lock, offline=offline, base_url=base_url, **kwargs)
+    hub: dict = {}
+    if spec.repo_id:
+        files, hub = fetch_hf_files(spec, out, lock, offline=offline, base_url=base_url, allow_unpinned=allow_unpinned)
+    else:
+        files = fetch_manifest(spec.as_manifest(), out, lock=lock, offline=offline, base_url=base_url, **kwargs)
     if spec.format == "open_clip_openai":
         (pt,) = files.values()
         convert_openai_clip(pt, out)
     record = out / "fetched.json"
     write_fetch_record(files, record, manifest=spec.as_manifest(), lock=lock)
     data = json.loads(record.read_text())
-    data.update({"revision": spec.revision, "format": spec.format})
+    data.update({"revision": spec.revision, "format": spec.format, **hub})
     atomic_write_json(record, data)
     return out
+
+
+def _hub_error(where: str, exc: BaseException) -> UserError:
+    """A one-line UserError for an exception of huggingface_hub (or the network below it)."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    text = " ".join(str(exc).split())[:300]
+    if isinstance(exc, GatedRepoError) or getattr(getattr(exc, "response", None), "status_code", None) == 401:
+        hint = "; accept the model's licence on its page and export HF_TOKEN (an access token of that account)"
+    elif isinstance(exc, RevisionNotFoundError):
+        hint = "; check the revision in models.yaml"
+    elif isinstance(exc, RepositoryNotFoundError):
+        hint = "; check repo_id in models.yaml (a gated or private repository also answers this way without HF_TOKEN)"
+    else:
+        hint = ""
+    return UserError(f"{where}: {type(exc).__name__}: {text}{hint}")
+
+
+def _read_revision_lock(path: Path, repo_id: str, revision: str) -> str | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = data.get("repo_id") == repo_id and data.get("revision") == revision
+    return data["commit"] if ok and _COMMIT.fullmatch(str(data.get("commit"))) else None
+
+
+def fetch_hf_files(spec: ModelSpec, out: Path, lock, *, offline: bool = False, base_url: str | None = None,
+                   allow_unpinned: bool = False) -> tuple[dict[str, Path], dict]:
+    """Fetch ``spec``'s files from the Hugging Face Hub into ``out`` with ``huggingface_hub``; return
+    ``({path: local file}, {"repo_id", "commit", "hub_etag"})`` for the fetch record.
+
+    * Pinning: ``spec.revision`` must be a commit hash. A branch or tag (``main``) is refused unless
+      ``allow_unpinned``; then the first fetch resolves it (the hub's ``X-Repo-Commit``), fetches every file from
+      that one commit and writes ``out/revision.lock.json``, which later fetches reuse, so the files never come
+      from two commits and never silently change.
+    * A file already at ``out/<path>`` that matches ``lock`` costs no request. Otherwise ``hf_hub_download``
+      (``local_dir=out``) fetches it; its sha256 must equal the hub's LFS sha256 (the ``ETag`` of an LFS file)
+      when the hub announces one, and is recorded in ``lock`` on first download and verified on every later one.
+    * ``offline`` or ``HF_HUB_OFFLINE=1``: nothing is requested; every file must be present and match ``lock``.
+    * ``base_url``: the hub endpoint is ``<base_url>/huggingface.co`` (the tests' 127.0.0.1 mirror); otherwise
+      ``HF_ENDPOINT`` or huggingface.co. ``HF_TOKEN`` is sent by huggingface_hub to that endpoint.
+    """
+    from huggingface_hub import constants as hf_constants
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    from .fetch import fetch_manifest, sha256_file, verify_checksums
+
+    where = f"{spec.source or 'models.yaml'}: models.{spec.name}"
+    repo, revision = spec.repo_id, spec.revision
+    rev_lock = out / REVISION_LOCK
+    pinned = bool(_COMMIT.fullmatch(revision))
+    if not pinned and not allow_unpinned:
+        raise UserError(f"{where}: revision {revision!r} of {repo} is a branch or tag, not a commit, so the weights "
+                        f"behind it can change; write the commit hash (https://huggingface.co/{repo}/commits/{revision})"
+                        " into revision and the files' URLs, or allow it with paper.allow_unpinned_models: true "
+                        f"(--allow-unpinned), which locks the commit it resolves to in {rev_lock}")
+    commit = revision if pinned else _read_revision_lock(rev_lock, repo, revision)
+    if offline or hf_constants.HF_HUB_OFFLINE:
+        try:
+            files = fetch_manifest(spec.as_manifest(), out, lock=lock, offline=True)
+        except UserError as exc:
+            if offline:
+                raise
+            raise UserError(f"{exc} (HF_HUB_OFFLINE=1 is set: unset it to download)") from None
+        return files, {"repo_id": repo, "commit": commit}
+    if not pinned:
+        log.warning("%s: revision %r is not a commit (allowed); %s", where, revision,
+                    f"using the locked commit {commit}" if commit else "resolving it once and locking the commit")
+    endpoint = f"{base_url.rstrip('/')}/huggingface.co" if base_url else None
+    files, etags = {}, {}
+    for entry in spec.files:
+        dest = out / entry.path
+        expected = entry.sha256 or lock.get(entry.path)
+        if dest.is_file() and expected:
+            try:
+                verify_checksums(dest, sha256=expected)
+                files[entry.path] = dest
+                continue
+            except UserError as exc:
+                log.warning("%s; downloading it again", exc)
+                dest.unlink()
+        at = f"{where}: {repo}@{commit or revision}/{entry.path}"
+        try:
+            meta = get_hf_file_metadata(hf_hub_url(repo, entry.path, revision=commit or revision, endpoint=endpoint))
+        except Exception as exc:  # noqa: BLE001 - huggingface_hub and httpx errors: one line naming the file
+            raise _hub_error(at, exc) from None
+        if commit is None:
+            if not (meta.commit_hash and _COMMIT.fullmatch(meta.commit_hash)):
+                raise UserError(f"{at}: the hub did not name the commit of {revision!r} (X-Repo-Commit)")
+            commit = meta.commit_hash
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(rev_lock, {"repo_id": repo, "revision": revision, "commit": commit})
+            log.warning("%s: %r resolved to commit %s, locked in %s", where, revision, commit, rev_lock)
+        elif meta.commit_hash != commit:
+            raise UserError(f"{at}: the hub answered commit {meta.commit_hash}, expected {commit}")
+        try:
+            hf_hub_download(repo, entry.path, revision=commit, local_dir=out, endpoint=endpoint)
+        except Exception as exc:  # noqa: BLE001
+            raise _hub_error(at, exc) from None
+        actual = sha256_file(dest)
+        hub_sha = meta.etag if meta.etag and _SHA256.fullmatch(meta.etag) else None
+        for name, want in (("the hub's LFS sha256", hub_sha), ("models.yaml's sha256", entry.sha256)):
+            if want and actual != want:
+                dest.unlink()
+                raise UserError(f"{dest}: sha256 {actual} does not match {name} {want} ({at})")
+        try:
+            lock.verify_or_record(entry.path, dest)
+        except UserError:
+            dest.unlink()
+            raise
+        files[entry.path], etags[entry.path] = dest, meta.etag
+    return files, {"repo_id": repo, "commit": commit, "hub_etag": etags}
 
 
 def _openai_model_cfg(sd: dict) -> dict:

@@ -6,9 +6,13 @@ seed s > 0 = ``random.seed(s); random.shuffle``), tasks are consecutive chunks, 
 of the order. Per task: a fresh Adam (betas 0.9/0.999) over ``method.param_groups()``, ``epochs`` passes
 (more when ``min_steps`` asks: :func:`task_epochs`) over the task's training images in batches of
 ``batch_size`` (reshuffled every epoch, last partial batch kept), CODA-P's cosine schedule
-``lr * cos(99 pi e / (200 (K-1)))`` stepped per epoch, bf16 autocast on GPU. After task t every seen
-task i <= t is evaluated on its test images with logits over all seen classes ``[0, hi_t)``:
-``acc[t][i]`` = top-1 accuracy in percent (the row is stored in the task's ``meta.json``).
+``lr * cos(99 pi e / (200 (K-1)))`` stepped per epoch. On GPU the forward pass runs under bf16 autocast
+(``precision: bf16``; matching, selection, CODA-P's weights, logits and penalties stay fp32 inside the methods)
+or without it (``precision: fp32``, CODA-P's numerics). After task t every seen task i <= t is evaluated on its
+test images with logits over all seen classes ``[0, hi_t)``: ``acc[t][i]`` = top-1 accuracy in percent (the row
+is stored in the task's ``meta.json``). With ``val_fraction > 0`` a fixed per-class share of the *training*
+images is held out and evaluated instead of the test images (:func:`~continual_bench.data.cls_data.holdout_split`;
+``train.json`` says ``eval_split: val``), so selection grids never read the test split.
 Joint methods (upper bound) train once on all classes and are evaluated per task.
 
 Augmentation (``augment``): ``flip`` (toy profile) = random horizontal flip; each image has two fixed
@@ -43,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..backbones.vit import load_vit
-from ..data.cls_data import ClsDataset, Split, class_order, load_split_tensor, task_classes
+from ..data.cls_data import ClsDataset, Split, class_order, holdout_split, load_split_tensor, task_classes
 from ..methods.base import build_settings
 from ..methods.cls_base import ClsMethod, ClsTask, cosine_factor
 from ..methods.registry import get_method
@@ -52,6 +56,10 @@ from .t2i import resolve_device
 
 log = logging.getLogger(__name__)
 AUGMENTS = ("flip", "rrc", "none")
+PRECISIONS = ("bf16", "fp32")
+# Settings added after checkpoints existed, at the value that reproduces the code those checkpoints were written
+# with: left out of the fingerprint, so an interrupted run started before they existed still resumes.
+FINGERPRINT_NEUTRAL = {"val_fraction": 0.0, "precision": "bf16", "key_loss": "per_sample", "test_keys": "seen"}
 
 
 def make_cls_tasks(order: list[int], n_tasks: int) -> list[ClsTask]:
@@ -79,6 +87,12 @@ class ClsRunSpec:
         self.settings = build_settings(self.method_cls.Settings, settings, f"cls_method_settings.{method}")
         if self.settings.epochs < 1 or self.settings.batch_size < 1 or self.settings.min_steps < 0:
             raise UserError(f"cls_method_settings.{method}: epochs and batch_size must be >= 1, min_steps >= 0")
+        if not 0.0 <= self.settings.val_fraction < 1.0:
+            raise UserError(f"cls_method_settings.{method}.val_fraction must be in [0, 1) (0 = off), "
+                            f"got {self.settings.val_fraction!r}")
+        if self.settings.precision not in PRECISIONS:
+            raise UserError(f"cls_method_settings.{method}.precision must be one of {', '.join(PRECISIONS)}, "
+                            f"got {self.settings.precision!r}")
         self.n_tasks, self.seed, self.augment = n_tasks, seed, augment
         self.device = resolve_device(device)
         self.image_size = image_size
@@ -93,10 +107,17 @@ class ClsRunSpec:
                             if self.method_cls.joint else self.tasks)
 
     # ------------------------------------------------------------------ identity
+    @property
+    def eval_split(self) -> str:
+        """What evaluation reads: ``val`` (held out from the training images) or ``test``."""
+        return "val" if self.settings.val_fraction > 0 else "test"
+
     def fingerprint(self) -> str:
         weights = [self.backbone] if self.backbone.is_file() else sorted(self.backbone.rglob("*.safetensors"))
         manifest = self.ds.root / "manifest.csv"
-        ident = {"method": self.method_cls.name, "settings": self.settings.__dict__, "seed": self.seed,
+        settings = {k: v for k, v in self.settings.__dict__.items()
+                    if not (k in FINGERPRINT_NEUTRAL and v == FINGERPRINT_NEUTRAL[k])}
+        ident = {"method": self.method_cls.name, "settings": settings, "seed": self.seed,
                  "order": self.order, "n_tasks": self.n_tasks, "augment": self.augment, "image_size": self.image_size,
                  "backbone": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights],
                  "data": (manifest.stat().st_size, manifest.stat().st_mtime_ns)}
@@ -139,7 +160,11 @@ class TaskData:
         self.spec = spec
         self.in_memory = spec.augment in ("flip", "none")
         self.train: Split = spec.ds.split("train")
-        self.test: Split = spec.ds.split("test")
+        if spec.settings.val_fraction > 0:  # evaluate on held-out training images; the test split is not read
+            self.train, self.test = holdout_split(self.train, spec.settings.val_fraction,
+                                                  f"cls_method_settings.{spec.method_cls.name}.val_fraction")
+        else:
+            self.test: Split = spec.ds.split("test")
         self._mem: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._test_cache: dict[int, dict] = {}
 
@@ -203,8 +228,11 @@ def _batched(method_fn, x: torch.Tensor, device: str, bs: int) -> dict[str, torc
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def _amp(device: str):
-    return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda") else contextlib.nullcontext
+def _amp(device: str, precision: str = "bf16"):
+    """bf16 autocast on CUDA with ``precision='bf16'``; nothing otherwise (CPU, or ``'fp32'`` as CODA-P)."""
+    if device.startswith("cuda") and precision == "bf16":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -227,7 +255,7 @@ def train_one_task(method: ClsMethod, task: ClsTask, data: TaskData, spec: ClsRu
     opt = torch.optim.Adam(groups, lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay)
     if s.schedule not in ("cosine", "constant"):
         raise UserError(f"cls_method_settings.{method.name}.schedule: 'cosine' or 'constant', got {s.schedule!r}")
-    amp = _amp(device)
+    amp = _amp(device, s.precision)
     t0, losses = time.time(), []
     method.train()
     if data.in_memory:
@@ -284,7 +312,7 @@ def train_one_task(method: ClsMethod, task: ClsTask, data: TaskData, spec: ClsRu
 def evaluate_seen(method: ClsMethod, data: TaskData, spec: ClsRunSpec, hi: int, eval_tasks: list[ClsTask]) -> list[float]:
     """Top-1 accuracy (%) on each of ``eval_tasks``' test images, logits over outputs ``[0, hi)``."""
     method.eval()
-    amp = _amp(spec.device)
+    amp = _amp(spec.device, spec.settings.precision)
     accs = []
     for task in eval_tasks:
         correct, total = 0, 0
@@ -304,7 +332,7 @@ def evaluate_seen(method: ClsMethod, data: TaskData, spec: ClsRunSpec, hi: int, 
             correct += int((logits.float().argmax(1).cpu() == y).sum())
             total += len(y)
         if total == 0:
-            raise UserError(f"{spec.ds.root}: no test images for task {task.index} (classes {task.classes})")
+            raise UserError(f"{spec.ds.root}: no {spec.eval_split} images for task {task.index} (classes {task.classes})")
         accs.append(100.0 * correct / total)
     return accs
 
@@ -373,4 +401,5 @@ def accuracy_matrix(spec: ClsRunSpec, metas: list[dict]) -> np.ndarray:
 def write_train_summary(spec: ClsRunSpec, metas: list[dict], out: str | Path) -> None:
     atomic_write_json(out, {"method": spec.method_cls.name, "settings": spec.settings.__dict__, "seed": spec.seed,
                             "order": spec.order, "tasks": [t.classes for t in spec.tasks], "joint": spec.method_cls.joint,
-                            "augment": spec.augment, "backbone": str(spec.backbone), "train": metas})
+                            "augment": spec.augment, "eval_split": spec.eval_split, "backbone": str(spec.backbone),
+                            "train": metas})

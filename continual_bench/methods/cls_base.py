@@ -52,6 +52,17 @@ class ClsTrainSettings:
     of the training. Measured with 60 steps per task (20 tasks, seed 0): every method under-learned its
     new classes (accuracy on the newest task right after learning it: CODA-P 37 %, FT++ 43 %, against 70 % /
     84 % with 5 tasks), which is the toy's step budget, not the methods.
+
+    ``val_fraction``: 0 (default) = train on the whole training split, evaluate on the test split. ``> 0``
+    holds out ``round(val_fraction * n)`` images (at least one) of each class's *training* images, chosen by a
+    fixed seed per class (:func:`continual_bench.data.cls_data.holdout_split`: the same images for every method,
+    seed and setting), trains on the rest and evaluates on them instead of the test split, so a selection grid
+    (``config/paper_clora_lambda.yaml``) never reads a test image. Its accuracies are validation numbers.
+
+    ``precision`` (CUDA only; a CPU run is fp32 either way): ``"bf16"`` runs the forward pass under bf16
+    autocast, with key matching, top-k selection, CODA-P's attention weights, the logits and C-LoRA's penalty
+    computed in fp32 all the same (:func:`full_precision`); ``"fp32"`` switches autocast off, which is what
+    CODA-P's code runs (REFERENCE.md sec. 6).
     """
 
     epochs: int = 15
@@ -61,6 +72,8 @@ class ClsTrainSettings:
     max_grad_norm: float = 0.0  # 0: no clipping (CODA-P clips nothing)
     schedule: str = "cosine"  # "cosine" (CODA-P's CosineSchedule) or "constant"
     min_steps: int = 225  # floor on steps per task (more epochs for small tasks); 0 = epochs only (paper)
+    val_fraction: float = 0.0  # > 0: evaluate on this fraction of each class's TRAIN images, held out (grids)
+    precision: str = "bf16"  # CUDA: "bf16" autocast around the backbone, or "fp32" (CODA-P); CPU: fp32 always
 
 
 @dataclass
@@ -135,8 +148,8 @@ class ClsMethod:
         return None
 
     def logits(self, x: torch.Tensor, cache: dict | None = None, train: bool = False) -> torch.Tensor:
-        """(B, n_classes) logits over every head output (the engine and loss slice the seen ones)."""
-        return self.head(self.features(x, cache, train))
+        """(B, n_classes) fp32 logits over every head output (the engine and loss slice the seen ones)."""
+        return head_logits(self.head, self.features(x, cache, train))
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         """Cross-entropy over the seen classes (past ones masked when ``mask_past``). Must return ``loss``."""
@@ -184,6 +197,19 @@ class ClsMethod:
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "paper": self.paper, **dataclasses.asdict(self.settings)}
+
+
+def full_precision(t: torch.Tensor):
+    """A region with autocast off on ``t``'s device: what it computes stays fp32 when the engine runs the
+    backbone under bf16 autocast (key matching, top-k selection, CODA-P's attention weights, logits, penalties;
+    CODA-P computes all of them in fp32). Outside autocast (every CPU run) it changes nothing."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def head_logits(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """``head(features)`` in fp32, whatever precision the features were computed in."""
+    with full_precision(features):
+        return head(features.float())
 
 
 def mask_past_logits(logits: torch.Tensor, lo: int) -> torch.Tensor:

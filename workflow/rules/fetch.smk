@@ -135,7 +135,7 @@ rule fetch_model:
         "logs/paper/fetch_model_{model}.log",
     params:
         resources=lambda w, output: Path(output[0]).parent.parent,
-        flags=paper_fetch_flags(),
+        flags=paper_fetch_flags() + (" --allow-unpinned" if PAPER["allow_unpinned_models"] else ""),
     wildcard_constraints:
         model="|".join(PAPER_MODELS),
     retries: 1

@@ -8,15 +8,28 @@ import torch
 
 from ...utils import UserError
 from .. import register
-from ..cls_base import ClsMethod, ClsTrainSettings
+from ..cls_base import ClsMethod, ClsTrainSettings, full_precision
 
 
 @dataclass
 class CLoRASettings(ClsTrainSettings):
-    rank: int = 8  # toy width 96; the paper's classification experiments use rank 64 on ViT-B (768)
+    rank: int = 8  # toy ViT width 64; the paper's classification experiments use rank 64 on ViT-B (768)
     alpha: float = 0.0  # LoRA alpha; 0 = rank (scaling 1)
-    targets: str = "qkv"  # attention projections adapted: "qkv" or "qkv,proj"
+    targets: str = "qkv"  # adapted: "qkv" (timm's fused q/k/v, Q included), "kv" (its K, V rows), "+,proj"
     lam: float = 1.0e4  # lambda of the self-regularization (toy scale; chosen on a grid, see the docstring)
+
+
+TARGETS = ("qkv", "kv", "qkv,proj", "kv,proj")
+
+
+def query_row_mask(layer_name: str, out_features: int, kv_only: bool) -> torch.Tensor | None:
+    """(out, 1) mask that zeroes the query rows ``[0, out/3)`` of a fused qkv layer's LoRA ``B`` in ``kv`` mode;
+    None when every row is adapted."""
+    if not (kv_only and layer_name.endswith("attn.qkv")):
+        return None
+    mask = torch.ones(out_features, 1)
+    mask[: out_features // 3] = 0.0
+    return mask
 
 
 @register("cls", "c_lora")
@@ -32,9 +45,20 @@ class CLoRA(ClsMethod):
     The penalty (element-wise absolute value of the summed past *products*, element-wise product with the
     current product, squared Frobenius norm) discourages writing where earlier tasks already wrote; task 1
     has no penalty. As for the prompt methods (same authors, same protocol), the past classes' logits are
-    -inf in the loss, and only the current LoRA and the head train. ``targets="qkv,proj"`` also adapts the
-    attention output projection (C-LoRA adapts the key/value projections of cross-attention in the UNet;
-    qkv is the ViT's closest analogue and the default).
+    -inf in the loss, and only the current LoRA and the head train. The penalty is computed in fp32 under any
+    autocast.
+
+    Which projections (``targets``): C-LoRA adapts the key and value projections of the UNet's
+    cross-attention (its sec. 3; the t2i method here does the same); which ViT projections its classification
+    experiments adapt is not stated in what was read. timm's ViT fuses Q, K and V into one ``qkv`` linear
+    layer (outputs ``[q; k; v]``, D rows each):
+
+    * ``"qkv"`` (toy default, the behaviour results/toy_cls ran with): a LoRA on the whole fused layer, so
+      queries are adapted too;
+    * ``"kv"`` (the paper profile's setting, C-LoRA's K/V placement): the same LoRA with the first D rows of
+      every B (the query outputs) held at exactly zero (their gradient is masked), so only keys and values
+      change;
+    * ``"qkv,proj"`` / ``"kv,proj"``: also the attention output projection.
 
     lambda: the paper gives 1e8 for Stable Diffusion's weight scale; the penalty is fourth order in the
     weight updates, so its scale depends on the model. On the toy ViT (rank 8, 15 epochs) unregularized
@@ -54,7 +78,8 @@ class CLoRA(ClsMethod):
 
     (The first grid stopped at 1e3, its best value, on its edge; extending it found the peak at 1e4.
     20-task runs with the 225-step floor of ``ClsTrainSettings.min_steps``; results/toy_cls_clora_lam*/.)
-    The paper profile must set its own value.
+    The paper profile sets its own value (config/paper.yaml), to be selected on ImageNet-R validation images
+    by the grid of config/paper_clora_lambda.yaml.
     """
 
     paper = "Smith et al., Continual Diffusion (C-LoRA), TMLR 2024"
@@ -65,9 +90,12 @@ class CLoRA(ClsMethod):
         super().__init__(backbone, settings, seed, n_classes, n_tasks)
         backbone.requires_grad_(False)
         names = [n.strip() for n in settings.targets.split(",") if n.strip()]
-        if not names or any(n not in ("qkv", "proj") for n in names):
-            raise UserError(f"cls_method_settings.c_lora.targets: expected 'qkv' or 'qkv,proj', got {settings.targets!r}")
-        self.pattern = rf"blocks\.\d+\.attn\.({'|'.join(names)})"
+        if sorted(names) not in (["qkv"], ["kv"], ["proj", "qkv"], ["kv", "proj"]):
+            raise UserError(f"cls_method_settings.c_lora.targets: expected one of {', '.join(TARGETS)}, "
+                            f"got {settings.targets!r}")
+        self.kv_only = "kv" in names  # the fused qkv layer's query rows stay unadapted
+        modules = ["qkv" if n == "kv" else n for n in names]
+        self.pattern = rf"blocks\.\d+\.attn\.({'|'.join(modules)})"
         self.targets = [n for n, _ in backbone.vit.named_modules() if re.fullmatch(self.pattern, n)]
         if not self.targets:
             raise UserError(f"c_lora: no module of the backbone matches {self.pattern}")
@@ -104,18 +132,26 @@ class CLoRA(ClsMethod):
         for n in self.targets:
             self.past.setdefault(n, torch.zeros_like(self._weight(n)))
         self.to(self.backbone.device)
+        for n, (_, b) in self.lora_pairs().items():
+            mask = query_row_mask(n, b.weight.shape[0], self.kv_only)
+            if mask is not None:  # B starts at zero; a zero gradient keeps its query rows there (Adam, any decay)
+                mask = mask.to(b.weight)
+                with torch.no_grad():
+                    b.weight.mul_(mask)
+                b.weight.register_hook(lambda g, m=mask: g * m.to(g.dtype))
 
     def param_groups(self):
         lora = [p for pair in self.lora_pairs().values() for m in pair for p in m.parameters()] if self.injected else []
         return [{"params": lora + list(self.head.parameters())}]
 
     def penalty(self) -> torch.Tensor:
-        """sum over targets of || |sum_{t'<t} A_t' B_t'| ⊙ (A_t B_t) ||_F^2."""
+        """sum over targets of || |sum_{t'<t} A_t' B_t'| ⊙ (A_t B_t) ||_F^2, in fp32 under any autocast."""
         total = torch.zeros((), device=self.backbone.device)
-        for n in self.targets:
-            past = self.past.get(n)
-            if past is not None and bool(past.any()):
-                total = total + ((past.abs() * self.delta(n)) ** 2).sum()
+        with full_precision(total):
+            for n in self.targets:
+                past = self.past.get(n)
+                if past is not None and bool(past.any()):
+                    total = total + ((past.float().abs() * self.delta(n).float()) ** 2).sum()
         return total
 
     def loss(self, batch):

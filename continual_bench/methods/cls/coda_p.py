@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ...utils import UserError
 from .. import register
-from ..cls_base import ClsTrainSettings
+from ..cls_base import ClsTrainSettings, full_precision
 from .prompting import PromptMethod, split_prefix
 
 
@@ -91,10 +91,12 @@ class CodaPromptPool(nn.Module):
 
     @staticmethod
     def combine(q: torch.Tensor, K: torch.Tensor, A: torch.Tensor, P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """CODA-P eq. 3-5: alpha_m = cos(q ⊙ A_m, K_m); prompt = sum_m alpha_m P_m. Returns (prompt, alpha)."""
-        aq = torch.einsum("bd,kd->bkd", q, A)
-        alpha = torch.einsum("bkd,kd->bk", F.normalize(aq, dim=2), F.normalize(K, dim=1))
-        return torch.einsum("bk,kld->bld", alpha, P), alpha
+        """CODA-P eq. 3-5: alpha_m = cos(q ⊙ A_m, K_m); prompt = sum_m alpha_m P_m. Returns (prompt, alpha), both
+        fp32 under any autocast (CODA-P computes them in fp32)."""
+        with full_precision(P):
+            aq = torch.einsum("bd,kd->bkd", q.float(), A.float())
+            alpha = torch.einsum("bkd,kd->bk", F.normalize(aq, dim=2), F.normalize(K.float(), dim=1))
+            return torch.einsum("bk,kld->bld", alpha, P.float()), alpha
 
     def ortho_penalty(self, l: int, train: bool) -> torch.Tensor:
         """CODA-P's ``ortho_penalty`` ``mean((T T^T - I)^2)`` summed over K, A and flattened P."""

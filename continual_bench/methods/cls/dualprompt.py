@@ -21,6 +21,10 @@ class DualSettings(ClsTrainSettings):
     g_length: int = 6
     g_layers: str = "0,1"
     key_weight: float = 1.0  # weight of the key-query matching loss (CODA-P adds it with weight 1)
+    test_keys: str = "seen"  # test-time E-prompt match: "seen" = keys of learned tasks; "pool" = all (CODA-P)
+
+
+TEST_KEYS = ("seen", "pool")
 
 
 @register("cls", "dualprompt")
@@ -33,11 +37,17 @@ class DualPrompt(PromptMethod):
 
         L = CE(masked past logits) + key_weight * sum_b sum_l (1 - cos(q(x_b), k_{l,t}))
 
-    At test time each E-layer picks the prompt whose key best matches the query (top-1 cosine) among the
-    tasks learned so far (CODA-P's code also scores the untrained keys of future tasks; a deployed learner
-    has no future prompts, so they are left out here). Prompts are prefix-tuned: E then G prefixes,
-    halves as keys / values. Keys and prompts are initialized U[0, 1) as in CODA-P. Trained: G- and
-    E-prompts, keys, head.
+    At test time each E-layer picks the prompt whose key best matches the query (top-1 cosine) among
+    (``test_keys``)::
+
+        seen:  argmax_{j <= t} cos(q(x), k_{l,j})        the keys of the t tasks learned so far
+        pool:  argmax_{j <= M} cos(q(x), k_{l,j})        every key of the pool, untrained future ones included
+
+    ``pool`` is what CODA-P's code does (``topk`` over the whole pool; REFERENCE.md sec. 6) and is the paper
+    profile's setting, because CODA-P's DualPrompt numbers come from it. ``seen`` leaves out the prompts of
+    tasks not yet learned, which a deployed learner would not have; it is the toy default (results/toy_cls ran
+    with it). Prompts are prefix-tuned: E then G prefixes, halves as keys / values. Keys and prompts are
+    initialized U[0, 1) as in CODA-P. Trained: G- and E-prompts, keys, head.
     """
 
     paper = "Wang et al., DualPrompt, ECCV 2022"
@@ -51,6 +61,8 @@ class DualPrompt(PromptMethod):
         self.e_pool = settings.e_pool or n_tasks
         if self.e_pool < n_tasks:
             raise UserError(f"{where}.e_pool: {self.e_pool} E-prompts for {n_tasks} tasks (needs one per task)")
+        if settings.test_keys not in TEST_KEYS:
+            raise UserError(f"{where}.test_keys must be one of {', '.join(TEST_KEYS)}, got {settings.test_keys!r}")
         D = backbone.embed_dim
         prompt = nn.Module()
         for l in self.g_layers:
@@ -76,6 +88,8 @@ class DualPrompt(PromptMethod):
         if train:
             self._aux.append(self.settings.key_weight * (1.0 - cos[:, self.task_id]).sum())
             return torch.full((len(q),), self.task_id, dtype=torch.long, device=q.device)
+        if self.settings.test_keys == "pool":
+            return cos.argmax(dim=1)
         return cos[:, :self.task_id + 1].argmax(dim=1)
 
     def prefixes(self, q, train):

@@ -20,6 +20,25 @@ class L2PPPSettings(ClsTrainSettings):
     top_k: int = 5
     layers: str = "0"  # CODA-P's L2P++ is shallow (layer 0); "0,1,2,3,4" gives its "Deep L2P++"
     key_weight: float = 1.0  # weight of the key-query matching loss (CODA-P adds it with weight 1)
+    key_loss: str = "per_sample"  # "per_sample": each sample's own top-k keys (L2P eq. 5); "coda_p": CODA-P's code
+
+
+KEY_LOSSES = ("per_sample", "coda_p")
+
+
+def key_matching_loss(cos: torch.Tensor, idx: torch.Tensor, form: str) -> torch.Tensor:
+    """The matching loss on the (B, M) query-key cosines ``cos`` and the (B, k) selected keys ``idx``.
+
+    ``per_sample`` (L2P eq. 5): ``sum_b sum_{j in topk(b)} (1 - cos[b, j])``, B x k terms.
+    ``coda_p`` (CODA-P ``models/zoo.py``, ``(1 - cos_sim[:, k_idx]).sum()``): ``cos[:, idx]`` is B x B x k, so
+    ``sum_b sum_b' sum_{j in topk(b')} (1 - cos[b, j])``: every query is pulled towards every key any sample
+    of the batch selected.
+    """
+    if form == "per_sample":
+        return (1.0 - cos.gather(1, idx)).sum()
+    if form == "coda_p":
+        return (1.0 - cos[:, idx]).sum()
+    raise ValueError(f"key_loss must be one of {KEY_LOSSES}, got {form!r}")
 
 
 def top_k_keys(q: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,16 +55,19 @@ class L2PPP(PromptMethod):
 
     A pool of M = 30 prompts P_j (length 20) with keys k_j, per prompted layer (layer 0). Each image uses
     the top-k (k = 5) prompts by cos(q(x), k_j); their halves are concatenated as prefix keys / values
-    (5 x 10 each). The matching loss pulls the chosen keys towards the query::
+    (5 x 10 each). The matching loss pulls the chosen keys towards the queries, in one of two forms
+    (``key_loss``, :func:`key_matching_loss`)::
 
-        L = CE(masked past logits) + key_weight * sum_b sum_{j in topk(b)} (1 - cos(q(x_b), k_j))
+        per_sample:  L = CE(masked past logits) + key_weight * sum_b sum_{j in topk(b)} (1 - cos(q(x_b), k_j))
+        coda_p:      L = CE(masked past logits) + key_weight * sum_b sum_b' sum_{j in topk(b')} (1 - cos(q(x_b), k_j))
 
-    (CODA-P's code writes ``(1 - cos_sim[:, k_idx]).sum()``, which indexes every sample with every other
-    sample's choice; here each sample's own choice is used, as L2P's eq. 5 states.) Differences from the
-    original L2P that make it "++" (CODA-P): prefix-tuning instead of prompt-tuning, the class token
-    instead of the prompt-token average as the head's input, past logits masked. The pool is shared by all
-    tasks and stays trainable. Prompts and keys are initialized U[0, 1) as in CODA-P. Trained: pool,
-    keys, head.
+    ``coda_p`` is what CODA-P's code computes (``(1 - cos_sim[:, k_idx]).sum()`` indexes the B x M cosines with
+    the B x k choices: a B x B x k block; REFERENCE.md sec. 6) and is the paper profile's setting, because
+    CODA-P's L2P++ numbers come from that code. ``per_sample`` pairs each sample with its own choice, as L2P's
+    eq. 5 states; it is the toy default (results/toy_cls ran with it). Differences from the original L2P that
+    make it "++" (CODA-P): prefix-tuning instead of prompt-tuning, the class token instead of the prompt-token
+    average as the head's input, past logits masked. The pool is shared by all tasks and stays trainable.
+    Prompts and keys are initialized U[0, 1) as in CODA-P. Trained: pool, keys, head.
     """
 
     paper = "Smith et al., CVPR 2023 (L2P++); Wang et al., L2P, CVPR 2022"
@@ -59,6 +81,8 @@ class L2PPP(PromptMethod):
             raise UserError(f"{where}.top_k must be in 1..pool ({settings.pool}), got {settings.top_k}")
         if settings.length < 2 or settings.length % 2:
             raise UserError(f"{where}.length must be even and >= 2, got {settings.length}")
+        if settings.key_loss not in KEY_LOSSES:
+            raise UserError(f"{where}.key_loss must be one of {', '.join(KEY_LOSSES)}, got {settings.key_loss!r}")
         D = backbone.embed_dim
         prompt = nn.Module()
         for l in self.layers:
@@ -72,9 +96,10 @@ class L2PPP(PromptMethod):
         half = self.settings.length // 2
         out = {}
         for l in self.layers:
-            idx, sim = top_k_keys(q, getattr(P, f"k_{l}"), self.settings.top_k)
+            cos = cosine_matrix(q.detach(), getattr(P, f"k_{l}"))  # fp32 (B, M); the query does not learn
+            idx = torch.topk(cos, self.settings.top_k, dim=1).indices
             if train:
-                self._aux.append(self.settings.key_weight * (1.0 - sim).sum())
+                self._aux.append(self.settings.key_weight * key_matching_loss(cos, idx, self.settings.key_loss))
             sel = getattr(P, f"p_{l}")[idx]  # (B, k, L, D)
             out[l] = (sel[:, :, :half].reshape(B, -1, D), sel[:, :, half:].reshape(B, -1, D))
         return out

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import register
-from ..cls_base import mask_past_logits
+from ..cls_base import head_logits, mask_past_logits
 from .ft import FTSettings, FullFinetune
 
 
@@ -69,7 +69,7 @@ class LwF(FullFinetune):
         out["loss"] = out["ce"]
         if self.teacher is not None:
             with torch.no_grad():
-                old = self.teacher["head"](self.teacher["backbone"](x))[:, :task.lo]
+                old = head_logits(self.teacher["head"], self.teacher["backbone"](x))[:, :task.lo]
             out["distill"] = lwf_distillation(logits[:, :task.lo], old, self.settings.temperature)
             out["loss"] = out["loss"] + self.settings.distill_weight * out["distill"]
         return out

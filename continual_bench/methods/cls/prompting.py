@@ -10,6 +10,10 @@ Prefix-tuning (CODA-P ``models/vit.py``): a layer's prompt ``p`` (B, L, D) is sp
 prepended to that layer's attention keys and ``p[:, L/2:]`` to its values (after the qkv projection).
 Only the prompts, their keys (and CODA-P's attention vectors) and the classifier head train; the past
 classes' logits are -inf in the training loss (CODA-P ``learners/prompt.py``).
+
+Precision: query-key cosines (hence top-k selection and the matching losses), CODA-P's attention weights and
+the logits are computed in fp32 even under the engine's bf16 autocast (``full_precision``), as CODA-P's fp32
+code computes them; only the backbone's own matmuls run in bf16 then.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..cls_base import ClsMethod, mask_past_logits
+from ..cls_base import ClsMethod, full_precision, mask_past_logits
 
 
 def split_prefix(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,8 +38,9 @@ def uniform_prompt(*shape: int) -> nn.Parameter:
 
 
 def cosine_matrix(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """(B, D) x (M, D) -> (B, M) cosine similarities."""
-    return F.normalize(q, dim=1) @ F.normalize(keys, dim=1).T
+    """(B, D) x (M, D) -> (B, M) cosine similarities, in fp32 under any autocast (CODA-P matches in fp32)."""
+    with full_precision(keys):
+        return F.normalize(q.float(), dim=1) @ F.normalize(keys.float(), dim=1).T
 
 
 class PromptMethod(ClsMethod):
