@@ -308,3 +308,37 @@ def test_sample_grid_from_npz_has_base_column_and_generic_row(tmp_path):
     assert seen["rows"] == ["<v1> (concept_03)", "<v2> (concept_01)", '"a photo of a person"']
     assert seen["cols"] == ["base model", "after task 1", "after task 2"]
     assert seen["present"].tolist() == [[False, True, True], [False, False, True], [True, False, True]]
+
+
+def _png_size(path):
+    import struct
+
+    data = path.read_bytes()
+    return struct.unpack(">II", data[16:24])  # width, height from the IHDR chunk
+
+
+def test_many_methods_are_laid_out_in_a_grid(tmp_path):
+    """16 methods: 4 columns x 4 rows, not a 16-panel strip (the earlier layout was ~5,900 px wide for 12)."""
+    from continual_bench.reporting.figures import MAX_COLS, r_matrix_heatmap
+
+    df = pd.concat([_r_long().assign(method=f"m{i:02d}") for i in range(16)])
+    w, h = _png_size(forgetting_curves(df, tmp_path / "c.png", "oracle", pdf=False)[0])
+    assert MAX_COLS == 4 and w <= 2200 and h > w / 2  # rows, not a strip
+    w, h = _png_size(r_matrix_heatmap(df, tmp_path / "h.png", "oracle", pdf=False)[0])
+    assert w <= 2200 and h > w / 2
+
+
+def test_tradeoff_plot_points_floor_and_references(tmp_path):
+    from continual_bench.reporting.figures import tradeoff_plot
+
+    rows = [dict(benchmark="toy_faces", n_tasks=10, method=m, seed=s, metric=f"{a}_oracle", value=v + 0.01 * s)
+            for m, (p, f) in {"lora_sequential": (0.8, 0.7), "c_lora": (0.75, 0.3), "joint": (0.7, -0.1)}.items()
+            for s in range(3) for a, v in (("P", p), ("F", f))]
+    df = pd.DataFrame(rows)
+    paths = tradeoff_plot(df, tmp_path / "t.png", "oracle", floor=0.08, references=("joint",))
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and paths[0].stat().st_size > 5000
+    first = paths[1].read_bytes()
+    tradeoff_plot(df, tmp_path / "t.png", "oracle", floor=0.08, references=("joint",))
+    assert paths[1].read_bytes() == first
+    with pytest.raises(UserError, match="P_clip"):
+        tradeoff_plot(df, tmp_path / "x.png", "clip")

@@ -1,4 +1,6 @@
-"""Figures: forgetting curves (metric of each concept after each task) and labelled sample grids.
+"""Figures: forgetting curves (metric of each concept after each task), R-matrix heatmaps, labelled sample grids
+and the learning-forgetting trade-off. Panels of many methods are laid out in a grid of at most ``MAX_COLS``
+columns, so a 16-method figure stays readable on a laptop screen.
 
 Both save a PNG and (by default) a PDF next to it, each written atomically.
 Curves show, per concept c and after task t, the mean over seeds of R[t, c] with a band of
@@ -20,6 +22,22 @@ from continual_bench.reporting.summary import direction  # noqa: E402
 from continual_bench.utils import UserError, atomic_path  # noqa: E402
 
 R_MATRIX_COLUMNS = ["benchmark", "n_tasks", "method", "seed", "after_task", "concept_index", "metric", "value"]
+MAX_COLS = 4  # panels per row
+
+
+def _panel_grid(fig: Figure, n: int, **kw):
+    """``n`` axes in rows of at most MAX_COLS; unused cells are hidden. Returns (flat axes, grid)."""
+    cols = min(n, MAX_COLS)
+    rows = -(-n // cols)
+    grid = fig.subplots(rows, cols, squeeze=False, **kw)
+    for ax in grid.flat[n:]:
+        ax.set_visible(False)
+    return list(grid.flat[:n]), grid
+
+
+def _grid_size(n: int, w: float, h: float, extra_w: float = 0.8) -> tuple[float, float]:
+    cols = min(n, MAX_COLS)
+    return w * cols + extra_w, h * -(-n // cols)
 
 
 def _save(fig: Figure, out_path: Path, pdf: bool) -> list[Path]:
@@ -62,8 +80,8 @@ def forgetting_curves(r_matrix_df: pd.DataFrame, out_path: Path, metric: str, pd
     concepts = sorted(stats["concept_index"].unique())
     colors = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, max(len(concepts), 1)))
 
-    fig = Figure(figsize=(3.2 * len(methods) + 0.8, 3.2), layout="constrained")
-    axes = fig.subplots(1, len(methods), sharey=True, squeeze=False)[0]
+    fig = Figure(figsize=_grid_size(len(methods), 3.2, 3.0, 1.6), layout="constrained")
+    axes, grid = _panel_grid(fig, len(methods), sharey=True)
     for ax, method in zip(axes, methods):
         for color, c in zip(colors, concepts):
             s = stats[(stats["method"] == method) & (stats["concept_index"] == c)]
@@ -80,8 +98,9 @@ def forgetting_curves(r_matrix_df: pd.DataFrame, out_path: Path, metric: str, pd
         ax.set_xticks(range(1, int(n_tasks) + 1))
         ax.grid(alpha=0.3)
     better = {"max": " (higher is better)", "min": " (lower is better)"}.get(direction(metric), "")
-    axes[0].set_ylabel(metric + better)
-    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    for row in grid:
+        row[0].set_ylabel(metric + better)
+    grid[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(f"{benchmark}, {int(n_tasks)} tasks: {metric} per concept (mean over seeds)", fontsize=10)
     return _save(fig, out_path, pdf)
 
@@ -143,8 +162,8 @@ def r_matrix_heatmap(r_matrix_df: pd.DataFrame, out_path: Path, metric: str, pdf
     how = direction(metric)
     cmap = matplotlib.colormaps["viridis" if how != "min" else "viridis_r"]
     lo, hi = float(df["value"].min()), float(df["value"].max())
-    fig = Figure(figsize=(2.9 * len(methods) + 1.0, 2.7 + 0.05 * T), layout="constrained")
-    axes = fig.subplots(1, len(methods), squeeze=False)[0]
+    fig = Figure(figsize=_grid_size(len(methods), 2.9, 2.7 + 0.05 * T, 1.0), layout="constrained")
+    axes, panels = _panel_grid(fig, len(methods))
     im = None
     for ax, method in zip(axes, methods):
         grid = np.full((T, T), np.nan)
@@ -161,9 +180,10 @@ def r_matrix_heatmap(r_matrix_df: pd.DataFrame, out_path: Path, metric: str, pdf
         ax.set_yticks(list(ticks), [str(i + 1) for i in ticks])
         ax.set_xlabel("concept / task k")
         ax.set_title(method, fontsize=9)
-    axes[0].set_ylabel("after task t")
+    for row in panels:
+        row[0].set_ylabel("after task t")
     better = {"max": "higher is better", "min": "lower is better"}.get(how, "")
-    fig.colorbar(im, ax=list(axes), shrink=0.8, label=f"{metric} ({better})" if better else metric)
+    fig.colorbar(im, ax=list(panels.flat), shrink=0.8, label=f"{metric} ({better})" if better else metric)
     fig.suptitle(f"{benchmark}, {T} tasks: R[t][k] of {metric} (mean over seeds)", fontsize=10)
     return _save(fig, out_path, pdf)
 
@@ -201,4 +221,47 @@ def accuracy_curves(r_matrix_df: pd.DataFrame, out_path: Path, metric: str = "ac
     axes[0].set_ylabel("accuracy on seen tasks (%)")
     axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(f"{benchmark}: accuracy over the sequence (mean over seeds)", fontsize=10)
+    return _save(fig, out_path, pdf)
+
+
+def tradeoff_plot(per_seed: pd.DataFrame, out_path: Path, metric: str, *, floor: float | None = None,
+                  references: tuple[str, ...] = (), pdf: bool = True) -> list[Path]:
+    """Learning right after each task (``P_<metric>``, x) against forgetting (``F_<metric>``, y): one point per
+    method at its mean over seeds, with +- one sample std (ddof=1) bars on both axes. ``floor`` (the table's noise
+    floor of ``F_<metric>``) is shaded around F = 0: a method inside it forgets nothing measurable. Methods in
+    ``references`` (non-continual references, e.g. joint training) are drawn hollow.
+
+    ``per_seed`` is the long per-seed table (method, seed, metric, value) of one (benchmark, n_tasks).
+    """
+    need = {"method", "seed", "metric", "value"}
+    if need - set(per_seed.columns):
+        raise UserError(f"trade-off plot needs columns {sorted(need)}")
+    px, fy = f"P_{metric}", f"F_{metric}"
+    wide = per_seed[per_seed.metric.isin([px, fy])].pivot_table(index=["method", "seed"], columns="metric",
+                                                                 values="value").dropna()
+    if wide.empty or not {px, fy} <= set(wide.columns):
+        raise UserError(f"no {px} / {fy} values to plot")
+    stats = wide.groupby(level="method").agg(["mean", "std", "count"])
+    methods = [m for m in pd.unique(per_seed["method"]) if m in stats.index]
+    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
+    ax = fig.subplots()
+    if floor is not None and np.isfinite(floor):
+        ax.axhspan(-floor, floor, color="0.85", lw=0, label=f"noise floor of {fy} (+-{floor:.3g})")
+    ax.axhline(0.0, color="0.5", lw=0.8)
+    colors = matplotlib.colormaps["tab20"](np.arange(len(methods)) % 20)
+    for color, m in zip(colors, methods):
+        r = stats.loc[m]
+        xe = r[(px, "std")] if r[(px, "count")] >= 2 else None
+        ye = r[(fy, "std")] if r[(fy, "count")] >= 2 else None
+        hollow = m in references
+        ax.errorbar(r[(px, "mean")], r[(fy, "mean")], xerr=xe, yerr=ye, fmt="s" if hollow else "o", ms=6,
+                    color=color, mfc="none" if hollow else color, capsize=2, lw=1,
+                    label=f"{m} (reference)" if hollow else m)
+    better = {"max": "higher is better", "min": "lower is better"}
+    ax.set_xlabel(f"{px}: right after learning each concept ({better.get(direction(px), '')})")
+    ax.set_ylabel(f"{fy}: forgetting ({better.get(direction(fy), '')})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    bench, n = per_seed["benchmark"].iloc[0], int(per_seed["n_tasks"].iloc[0])
+    fig.suptitle(f"{bench}, {n} tasks: learning vs forgetting ({metric}; mean +- std over seeds)", fontsize=10)
     return _save(fig, out_path, pdf)

@@ -9,7 +9,7 @@ import pandas as pd
 
 from ..evaluation.noise_floor import load_noise_floor
 from ..utils import UserError, atomic_write_text
-from .figures import accuracy_curves, forgetting_curves, r_matrix_heatmap
+from .figures import accuracy_curves, forgetting_curves, r_matrix_heatmap, tradeoff_plot
 from .reference import load_reference
 from .summary import load_metrics, write_summary
 from .tables import write_tables
@@ -49,6 +49,7 @@ def build_report(run_dir: str | Path, metric_paths: list[str | Path] | None = No
     written += write_tables(summary, run_dir / "tables", per_seed_df=load_metrics(paths),
                             reference_df=load_reference(reference_dir), noise_floor=floor)
     figures = run_dir / "figures" / "summary"
+    written += _tradeoffs(load_metrics(paths), floor, figures)
     r_paths = [p.parent / "R.csv" for p in paths if (p.parent / "R.csv").is_file()]
     if r_paths:
         R = pd.concat([pd.read_csv(p) for p in r_paths], ignore_index=True)
@@ -64,4 +65,25 @@ def build_report(run_dir: str | Path, metric_paths: list[str | Path] | None = No
                                                      figures / f"forgetting_{bench}_T{n}_{metric}.png", metric)
                         written += r_matrix_heatmap(sub, figures / f"heatmap_{bench}_T{n}_{metric}.png", metric)
     log.info("report: wrote %d files under %s", len(written), run_dir)
+    return written
+
+
+TRADEOFF_METRICS = {"t2i": ("oracle", "clip"), "cls": ("N",)}
+
+
+def _tradeoffs(per_seed: pd.DataFrame, floor, figures: Path) -> list[Path]:
+    """Learning-vs-forgetting figures per (track, benchmark, n_tasks) and metric, the noise floor shaded and the
+    non-continual references (methods that train on past data) hollow."""
+    from ..evaluation.noise_floor import floor_of_column
+    from ..methods.registry import list_methods
+
+    refs = {m["name"] for m in list_methods() if m["uses_past_data"]} | {"upper_bound"}
+    written = []
+    for (track, bench, n), sub in per_seed.groupby(["track", "benchmark", "n_tasks"]):
+        n_seeds = int(sub.groupby("method")["seed"].nunique().min())
+        for metric in TRADEOFF_METRICS.get(track, ()):
+            if {f"P_{metric}", f"F_{metric}"} <= set(sub.metric):
+                fl = floor_of_column(floor, bench, f"F_{metric}", int(n), n_seeds)
+                written += tradeoff_plot(sub, figures / f"tradeoff_{bench}_T{int(n)}_{metric}.png", metric,
+                                         floor=fl, references=tuple(sorted(refs)))
     return written
