@@ -1,4 +1,6 @@
-"""``continual-bench``: one subcommand per Snakemake rule. Each parses its arguments and calls one function."""
+"""``continual-bench``: the command line. User commands (``methods``, ``tables``, ``noise-floor`` ...) and the steps the
+Snakemake rules call (``train``, ``generate``, ``evaluate``, the toy world's and the paper profile's preparation);
+each ``cmd_*`` function parses nothing itself: it takes the parsed arguments and calls into the package."""
 from __future__ import annotations
 
 import argparse

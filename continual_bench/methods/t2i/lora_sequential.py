@@ -89,7 +89,9 @@ class LoRASequential(T2IMethod):
 
     def __init__(self, model, settings, seed: int = 0):
         super().__init__(model, settings, seed)
-        self.past: list[dict[str, torch.Tensor]] = []  # per finished task: {module: (A, B)} + token embedding
+        # per finished task, flat tensor entries: "<module>.A", "<module>.B", "<module>.scaling" (a 0-d tensor) and
+        # "token" (its embedding row); subclasses may add their own (LFS-Diffusion: "icgen_context")
+        self.past: list[dict[str, torch.Tensor]] = []
         self.token_rows: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ state
