@@ -43,6 +43,8 @@ def repair_hint(path: str | Path) -> str:
     if run is not None:
         return (f"repair: delete {run / 'train.json'} and run snakemake again (training checks every checkpoint "
                 f"and retrains a corrupt task from the one before)")
+    if path.name in (STATE, META):
+        return "repair: run the train step again (it checks every checkpoint and retrains a corrupt task)"
     return f"repair: delete {path} and run the step that wrote it again"
 
 

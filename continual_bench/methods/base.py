@@ -64,14 +64,14 @@ def setting_meta(cls_settings: type, name: str) -> dict:
     return {}
 
 
-def allowed(meta: dict) -> str:
-    """The valid values of a field in words ("> 0", ">= 1 and <= 8", "one of ['base', 'current']")."""
+def allowed(meta: dict, name: str = "value") -> str:
+    """The valid values of field ``name`` in words ("lr > 0", "rank >= 1 and rank <= 8", "one of ['base', 'current']")."""
     parts = []
     if "choices" in meta:
         parts.append(f"one of {list(meta['choices'])}")
     for key, op in (("gt", ">"), ("min", ">="), ("lt", "<"), ("max", "<=")):
         if key in meta:
-            parts.append(f"{op} {meta[key]}")
+            parts.append(f"{name} {op} {meta[key]}")
     if "multiple_of" in meta:
         parts.append(f"a multiple of {meta['multiple_of']}")
     if "pattern" in meta:
@@ -94,7 +94,8 @@ def check_setting(where: str, name: str, value, meta: dict) -> None:
         bad = True
     if bad:
         what = f" ({meta['help']})" if meta.get("help") else ""
-        raise UserError(f"{where}.{name}: {value!r} is out of range; allowed: {allowed(meta)}{what}")
+        kind = "out of range" if isinstance(value, (int, float)) and not isinstance(value, bool) else "not valid"
+        raise UserError(f"{where}.{name}: {value!r} is {kind}; allowed: {allowed(meta, name)}{what}")
 
 
 @dataclass

@@ -23,7 +23,7 @@ class L2PSettings(ClsTrainSettings):
 
     def check(self, where: str) -> None:
         if self.top_k > self.pool:
-            raise UserError(f"{where}.top_k: {self.top_k} is out of range; allowed: <= pool ({self.pool})")
+            raise UserError(f"{where}.top_k: {self.top_k} is out of range; allowed: top_k <= pool ({self.pool})")
 
 
 @register("cls", "l2p")

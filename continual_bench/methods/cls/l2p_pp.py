@@ -27,7 +27,7 @@ class L2PPPSettings(ClsTrainSettings):
 
     def check(self, where: str) -> None:
         if self.top_k > self.pool:
-            raise UserError(f"{where}.top_k: {self.top_k} is out of range; allowed: <= pool ({self.pool})")
+            raise UserError(f"{where}.top_k: {self.top_k} is out of range; allowed: top_k <= pool ({self.pool})")
 
 
 KEY_LOSSES = ("per_sample", "coda_p")
