@@ -18,7 +18,7 @@ class CLoRASettings(ClsTrainSettings):
                         "(768))", min=1)
     alpha: float = setting(0.0, "LoRA alpha; 0 = rank (scaling 1)", min=0)
     targets: str = setting("qkv", "projections adapted: 'qkv' (timm's fused q/k/v, Q included), 'kv' (its K, V rows), "
-                           "'+,proj' adds the output projection", pattern=r" *(qkv|kv|proj) *(, *(qkv|kv|proj) *)?")
+                           "'+,proj' adds the output projection", choices=("qkv", "kv", "qkv,proj", "kv,proj"))
     lam: float = setting(1.0e4, "lambda of the self-regularization (toy scale; chosen on a grid, see the docstring)",
                          min=0)
 
