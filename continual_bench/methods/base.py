@@ -20,8 +20,9 @@ non-continual reference method (the ``joint`` upper bound) sets the class attrib
 True``; the engine then loads every past concept's real training images into ``task.past[i].images``
 before ``begin_task`` and empties them after the task. ``training_data`` lets a method train on more than
 the task's own images (past images, replayed samples), with one prompt per image.
-Hyper-parameters are a dataclass ``Settings`` (defaults = toy profile); the config's
-``method_settings.<name>`` overrides its fields; an unknown key is an error naming it.
+Hyper-parameters are a dataclass ``Settings`` (defaults = toy profile) whose fields are declared with
+:func:`setting` (default, one line of help, valid range); the config's ``method_settings.<name>`` overrides
+them; an unknown key or a value out of range is an error naming it.
 """
 from __future__ import annotations
 
