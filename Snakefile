@@ -41,8 +41,8 @@ if _problem:
     config_error(_problem)
 validate(config, _SCHEMA)  # fills in the defaults
 # Method names, every method's settings and their ranges, sequence lengths against the benchmarks: checked once,
-# by the Snakemake that plans the DAG (not again in each job a cluster executor starts).
-if not workflow.remote_exec:
+# by the Snakemake that plans the DAG (not again in each job a cluster executor or a job subprocess starts).
+if not (workflow.remote_exec or workflow.subprocess_exec):
     try:
         check_config(config, os.getcwd())
     except UserError as _e:
