@@ -7,7 +7,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from .utils import UserError, setup_logging
 
@@ -119,7 +118,9 @@ def cmd_evaluate(a):
     from .reporting.grids import sample_grid_from_npz
     from .utils import provenance
 
-    train_info = json.loads(Path(a.train_json).read_text())
+    from .run_files import read_json
+
+    train_info = read_json(a.train_json)
     judge = load_judge(a.judge)
     oracle = Oracle.load(a.oracle) if a.oracle else None
     ident = {"track": "t2i", "benchmark": a.benchmark, "n_tasks": a.n_tasks, "method": a.method, "seed": a.seed}
@@ -199,7 +200,7 @@ def cmd_train_cls(a):
 def cmd_tables(a):
     from .reporting.report import build_report
 
-    build_report(a.run_dir, a.metrics, noise_floor_paths=a.noise_floor)
+    build_report(a.run_dir, a.metrics, noise_floor_paths=a.noise_floor, allow_missing=a.allow_missing)
 
 
 # ------------------------------------------------------------------------- paper profile: data and models
@@ -505,7 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tables", help="summary.csv, tables and figures of a run directory from its metric files")
     p.add_argument("run_dir")
-    p.add_argument("--metrics", nargs="*", default=None, help="metric files (default: run_dir/runs/**/metrics.csv)")
+    p.add_argument("--metrics", nargs="*", default=None,
+                   help="the expected runs' metric files (default: run_dir/runs/**/metrics.csv, and the runs "
+                        "run_dir/config.yaml asks for must be among them)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="build partial tables when expected runs have no metrics file (a warning names them; "
+                        "n_seeds says how many seeds each cell has); without it that is an error")
     p.add_argument("--noise-floor", nargs="*", default=None,
                    help="per-benchmark noise-floor files (default: run_dir/noise_floor/*.csv)")
     p.set_defaults(func=cmd_tables)

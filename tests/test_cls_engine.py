@@ -147,7 +147,8 @@ def test_val_fraction_evaluates_on_held_out_training_images_only(cls_world, tmp_
     summary = json.loads((tmp_path / "train.json").read_text())
     assert summary["eval_split"] == "val" and summary["settings"]["val_fraction"] == 0.5
     assert spec(cls_world, "ft_pp").eval_split == "test"
-    with pytest.raises(UserError, match=r"cls_method_settings.ft.val_fraction must be in \[0, 1\)"):
+    with pytest.raises(UserError, match=r"cls_method_settings.ft.val_fraction: 1.0 is out of range; allowed: "
+                                        r"val_fraction >= 0 and val_fraction < 1"):
         spec(cls_world, "ft", val_fraction=1.0)
 
 
@@ -157,7 +158,8 @@ def test_precision_setting_and_fingerprint_of_new_settings(cls_world):
     from continual_bench.engine.cls import FINGERPRINT_NEUTRAL
     from continual_bench.utils import config_hash
 
-    with pytest.raises(UserError, match=r"cls_method_settings.coda_p.precision must be one of bf16, fp32, got 'fp16'"):
+    with pytest.raises(UserError, match=r"cls_method_settings.coda_p.precision: 'fp16' is not valid; allowed: one of "
+                                        r"\['bf16', 'fp32'\]"):
         spec(cls_world, "coda_p", precision="fp16")
     s = spec(cls_world, "l2p_pp")
     base = s.fingerprint()

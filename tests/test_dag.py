@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def test_tables_and_summary(dag):
     assert (row.track, row.benchmark, row.n_tasks, row.method, row.n_seeds) == ("t2i", "toy_faces", 2, "lora_sequential", 1)
     assert row["mean"] > 0
     table = pd.read_csv(res / "tables" / "toy_faces_T2.csv")
-    assert list(table.method) == ["lora_sequential"]
+    assert list(table.method) == ["lora_sequential", "noise floor"] and table.n_seeds.tolist()[0] == 1
     tex = (res / "tables" / "toy_faces_T2.tex").read_text()
     assert "\\toprule" in tex and "lora\\_sequential" in tex and "A_mmd" not in tex.replace("A\\_mmd", "")
     assert (res / "figures" / "samples" / "toy_faces_T2_lora_sequential_seed0.png").stat().st_size > 1000
@@ -101,30 +102,47 @@ def _values(path: Path) -> pd.Series:
     return df.set_index("metric")["value"]
 
 
-def test_kill_mid_training_resumes_with_identical_metrics(dag):
+def test_kill_in_train_generate_and_evaluate_resumes_with_identical_metrics(dag):
+    """Fault injection: SIGKILL to the whole job tree at a random point inside each of train, generate and evaluate,
+    then the documented recovery (`snakemake --unlock`, `snakemake --cores N --rerun-incomplete`): the metric files
+    equal an uninterrupted run's, to the digit, and the training log keeps every attempt."""
+    import random
+
+    seed = int(os.environ.get("CONTINUAL_BENCH_FAULT_SEED", time.time_ns() % 100000))
+    rng = random.Random(seed)
     # Only the run's metric files are requested (no tables or figures): this test is about resuming.
     over = ["n_tasks=[3]", "method_settings={lora_sequential: {steps: 25, batch_size: 4, rank: 2}}"]
     run = "runs/toy_faces/T3/lora_sequential/seed0"
     targets = {name: [f"results/{name}/{run}/metrics.csv", f"results/{name}/{run}/R.csv"]
                for name in ("resume", "straight")}
-    ckpt = dag / f"results/resume/{run}/checkpoints"
+    out = dag / f"results/resume/{run}"
+    ckpt = out / "checkpoints"
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(dag),
-           "--configfile", str(CI_CONFIG), "--cores", "2", "--config", "run_name=resume", *over,
+           "--configfile", str(CI_CONFIG), "--cores", "2", "--rerun-incomplete", "--config", "run_name=resume", *over,
            "--", *targets["resume"]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while not list(ckpt.glob("*/task_001/meta.json")):
-        assert proc.poll() is None, "snakemake ended before the first task finished"
-        assert time.time() < deadline, "no checkpoint of task 1 in time"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole job tree, as a crash or scancel would
-    proc.wait()
-    assert not list(ckpt.glob("*/task_003"))
-    snakemake(dag, "--unlock", "--config", "run_name=resume", *over)
-    snakemake(dag, "--config", "run_name=resume", *over, "--", *targets["resume"])
-    log = (ckpt.parent / "logs" / "train.log").read_text()
-    assert "task 1 (" in log and "checkpoint found, skipping" in log
+    phases = [  # (job, a file that shows it is running, its output, the latest kill after that file appears)
+        ("train", lambda: list(ckpt.glob("*/task_001/meta.json")), out / "train.json", 1.0),
+        ("generate", lambda: (out / "logs" / "generate.log").is_file(), out / "samples.npz", 1.5),
+        ("evaluate", lambda: (out / "logs" / "evaluate.log").is_file(), out / "metrics.csv", 1.5),
+    ]
+    for job, running, output, latest in phases:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+                                start_new_session=True)
+        deadline = time.time() + 240
+        while not running():
+            assert proc.poll() is None, f"snakemake ended before {job} started (fault seed {seed})"
+            assert time.time() < deadline, f"{job} did not start in time (fault seed {seed})"
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, latest))
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole job tree, as a crash or scancel would
+        proc.wait()
+        assert not output.exists(), f"{job} had finished before the kill (fault seed {seed})"
+        assert job != "train" or not list(ckpt.glob("*/task_003")), f"the kill came after the last task ({seed})"
+        snakemake(dag, "--unlock", "--config", "run_name=resume", *over)
+    snakemake(dag, "--rerun-incomplete", "--config", "run_name=resume", *over, "--", *targets["resume"])
+    log = (out / "logs" / "train.log").read_text()  # appended: the killed attempt's lines are kept
+    assert re.search(r"task 1 \(\w+\): loss", log) and "checkpoint found, skipping" in log, log
+    assert log.count(" train on ") >= 2
     snakemake(dag, "--config", "run_name=straight", *over, "--", *targets["straight"])
     resumed = _values(dag / f"results/resume/{run}/metrics.csv")
     straight = _values(dag / f"results/straight/{run}/metrics.csv")
@@ -145,3 +163,42 @@ def test_default_config_plans_5_10_20_task_sequences(tmp_path):
     for rule in ("train", "generate", "evaluate"):
         line = next(ln for ln in out.splitlines() if ln.split() and ln.split()[0] == rule)
         assert int(line.split()[1]) == 3 * n_seeds, line
+
+
+RUN = Path("results/ci/runs/toy_faces/T2/lora_sequential/seed0")
+
+
+def test_deleted_metrics_file_is_rebuilt_not_dropped(dag):
+    """A run's metrics.csv is a target of the DAG itself: deleting it plans its evaluation again (as only an input of
+    the tables, Snakemake said "Nothing to be done" and the tables would have lost the run)."""
+    metrics = dag / RUN / "metrics.csv"
+    aside = metrics.with_name("metrics.aside")
+    st = metrics.stat()
+    os.replace(metrics, aside)
+    try:
+        out = (lambda r: r.stdout + r.stderr)(snakemake(dag, "-n"))
+        assert "rule evaluate:" in out and "Nothing to be done" not in out
+    finally:
+        os.replace(aside, metrics)
+        os.utime(metrics, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_failed_evaluate_keeps_the_last_good_metrics(dag):
+    """A truncated samples.npz: the evaluation fails with one line naming the file and the repair, and the run's
+    previous metrics.csv and R.csv stay (outputs flagged update(): Snakemake puts them back)."""
+    run = dag / RUN
+    samples = run / "samples.npz"
+    good, st = samples.read_bytes(), samples.stat()
+    before = {name: (run / name).read_bytes() for name in ("metrics.csv", "R.csv")}
+    try:
+        samples.write_bytes(good[: len(good) // 2])  # newer than the metrics: the evaluation runs again
+        res = snakemake(dag, "--", str(RUN / "metrics.csv"), check=False)
+        assert res.returncode != 0
+        log = (run / "logs" / "evaluate.log").read_text()
+        err = [ln for ln in log.splitlines() if ln.startswith("continual-bench: error:")]
+        assert len(err) == 1 and f"{RUN / 'samples.npz'}: unreadable or truncated samples file" in err[0], log[-2000:]
+        assert "repair: delete" in err[0] and "Traceback" not in log
+        assert {name: (run / name).read_bytes() for name in before} == before
+    finally:
+        samples.write_bytes(good)
+        os.utime(samples, ns=(st.st_atime_ns, st.st_mtime_ns))

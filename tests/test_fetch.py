@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import re
+import stat
 import tarfile
 import threading
 import time
@@ -326,15 +327,44 @@ def test_safe_extract_refuses_unsafe_tar_members(tmp_path, member, reason):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tar", "work"]  # nothing written beside it
 
 
-def test_safe_extract_refuses_zip_dotdot(tmp_path):
+def _zip_member(name: str, mode: int | None = None) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    if mode is not None:
+        info.create_system = 3  # unix: the high 16 bits of external_attr are st_mode
+        info.external_attr = mode << 16
+    return info
+
+
+@pytest.mark.parametrize("members, reason", [
+    ([("../evil.txt", None)], r"'\.\./evil\.txt' \('\.\.'"),
+    ([("/abs/evil.txt", None)], r"'/abs/evil\.txt' \(absolute"),
+    ([("link", stat.S_IFLNK | 0o777)], r"'link' \(symbolic link"),
+    ([("", None)], r"'' \(empty name"),
+    ([("a", None), ("a/b.txt", None)], r"'a' \(a file, and 'a/b\.txt' needs a folder"),
+    ([("a/b.txt", None), ("a", None)], r"'a' \(a file, and 'a/b\.txt' needs a folder"),
+    ([("a/", None), ("a", None)], r"'a' \(a file, and 'a/' needs a folder"),
+])
+def test_safe_extract_refuses_unsafe_zip_members(tmp_path, members, reason):
+    """Each refusal is a UserError naming the member, and nothing is written (no output, no temporary folder)."""
     work = tmp_path / "work"
     work.mkdir()
     with zipfile.ZipFile(tmp_path / "bad.zip", "w") as zf:
         zf.writestr("fine.txt", "ok")
-        zf.writestr("../evil.txt", "x")
-    with pytest.raises(UserError, match=r"\.\./evil\.txt"):
+        for name, mode in members:
+            zf.writestr(_zip_member(name, mode), "../../etc/passwd" if mode else "x")
+    with pytest.raises(UserError, match=reason) as err:
         safe_extract(tmp_path / "bad.zip", work / "out")
+    assert "\n" not in str(err.value) and str(tmp_path / "bad.zip") in str(err.value)
     assert list(work.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["bad.zip", "work"]
+
+
+def test_safe_extract_refuses_tar_file_where_a_folder_is_needed(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    arch = _tar(tmp_path / "bad.tar", [(_file("a"), b"x"), (_file("a/b.txt"), b"y")])
+    with pytest.raises(UserError, match=r"'a' \(a file, and 'a/b\.txt' needs a folder"):
+        safe_extract(arch, work / "out")
+    assert list(work.iterdir()) == []
 
 
 @pytest.mark.parametrize("name", ["t.tar.gz", "t.tar", "t.zip"])

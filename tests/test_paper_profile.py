@@ -323,6 +323,31 @@ EXPECTED_JOBS = {"fetch_dataset": 3, "fetch_model": 4, "paper_judge": 1, "prepar
                  "train_cls": 9 * 3 * 3, "tables": 1}
 
 
+def test_config_values_never_run_as_shell_code(fakes, tmp_path):
+    """Free-text config values reach the rules' shell commands quoted: a manual_dir holding `$(...)`, `;` and spaces
+    is passed to the fetch job as one literal path (and works); a base_url holding `$(...)` is refused by the schema.
+    Nothing of either is ever executed."""
+    import shutil
+
+    manual = tmp_path / "by hand $(touch PWNED1); touch PWNED2 #"
+    shutil.copytree(fakes["manual"] / "celeba_hq", manual / "celeba_hq")
+    work = tmp_path / "work"
+    cfg = {**yaml.safe_load((REPO / "config" / "ci.yaml").read_text()),
+           "paper": {"manual_dir": str(manual), "manifests_dir": str(fakes["manifests"])}}
+    (tmp_path / "quoting.yaml").write_text(yaml.safe_dump(cfg))
+    res = snakemake(work, "--cores", "1", "data/raw/celeba_hq/fetched.json", configfile=tmp_path / "quoting.yaml")
+    assert "PWNED" not in {p.name[:5] for p in tmp_path.rglob("*")} and not list(work.rglob("PWNED*")), res.stderr[-2000:]
+    fetched = json.loads((work / "data/raw/celeba_hq/fetched.json").read_text())
+    assert "CelebAMask-HQ.zip" in fetched["files"]  # taken from the literal folder
+
+    cfg["paper"]["base_url"] = f"http://127.0.0.1/$(touch {tmp_path}/PWNED3)"
+    (tmp_path / "inject.yaml").write_text(yaml.safe_dump(cfg))
+    res = snakemake(work, "--cores", "1", "-f", "data/raw/imagenet_r/fetched.json", configfile=tmp_path / "inject.yaml",
+                    check=False)
+    assert res.returncode != 0 and "configuration error: paper.base_url:" in res.stderr
+    assert not list(tmp_path.rglob("PWNED*"))
+
+
 def test_paper_config_names_every_method_and_valid_settings():
     import dataclasses
 

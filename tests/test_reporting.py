@@ -149,7 +149,8 @@ def test_tables_latex_bold_escape_and_welch(tmp_path):
 
     wide = pd.read_csv(written[0])
     assert list(wide.columns) == ["method", "N_train", "N_train_std", "A_mmd", "A_mmd_std", "A_clip", "A_clip_std",
-                                  "source"]
+                                  "n_seeds", "source"]
+    assert set(wide.n_seeds) == {3}
     assert wide.loc[wide.method == "full_ft", "A_mmd_std"].item() == pytest.approx(math.sqrt(13.0))
 
 
@@ -203,7 +204,7 @@ def test_cls_track_order_and_unknown_metric(tmp_path):
             for k, v in [("zeta", 1.0 + s), ("F_N", base / 2 + s / 10), ("A_N", base + s / 10)]]
     written = write_tables(summarize(pd.DataFrame(rows)), tmp_path)
     assert list(pd.read_csv(written[0]).columns) == ["method", "A_N", "A_N_std", "F_N", "F_N_std", "zeta", "zeta_std",
-                                                     "source"]
+                                                     "n_seeds", "source"]
     tex = written[1].read_text()
     assert r"Method & A\_N $\uparrow$ & F\_N $\downarrow$ & zeta \\" in tex
 

@@ -424,6 +424,26 @@ def _member_path(archive: Path, name: str) -> PurePosixPath:
     return path
 
 
+def _check_layout(archive: Path, members: list[tuple[str, bool]]) -> None:
+    """No member may be a file where another member needs a folder (``a`` and ``a/b``, or ``a`` and ``a/``, in either
+    order): (name, is_dir) pairs of the already checked members. (A file listed twice is extracted twice, the last
+    copy winning, as tar does.)"""
+    files: dict[tuple[str, ...], str] = {}
+    dirs: dict[tuple[str, ...], str] = {}
+    for name, is_dir in members:
+        parts = PurePosixPath(name).parts
+        for i in range(1, len(parts)):
+            dirs.setdefault(parts[:i], name)
+        if is_dir:
+            dirs.setdefault(parts, name)
+        else:
+            files.setdefault(parts, name)
+    for parts, name in files.items():
+        if parts in dirs:
+            raise UserError(f"{archive}: refusing member '{name}' (a file, and '{dirs[parts]}' needs a folder of "
+                            "that name)")
+
+
 def _check_tar_member(archive: Path, m: tarfile.TarInfo) -> None:
     _member_path(archive, m.name)
     if m.issym() or m.islnk():
@@ -437,6 +457,7 @@ def _extract_tar(archive: Path, target: Path) -> None:
         members = tf.getmembers()
         for m in members:
             _check_tar_member(archive, m)
+        _check_layout(archive, [(m.name, m.isdir()) for m in members])
         # Members were checked above; the "data" filter is a second line of defence (and clears unsafe
         # mode bits such as setuid).
         tf.extractall(target, members=members, filter="data")
@@ -446,11 +467,14 @@ def _extract_zip(archive: Path, target: Path) -> None:
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
         for info in infos:
+            if not info.filename.strip("/"):  # ZipInfo.is_dir() fails on an empty name
+                raise UserError(f"{archive}: refusing member '{info.filename}' (empty name)")
             path = _member_path(archive, info.filename)
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise UserError(f"{archive}: refusing member '{info.filename}' (symbolic link)")
             if not path.parts and not info.is_dir():
                 raise UserError(f"{archive}: refusing member '{info.filename}' (empty name)")
+        _check_layout(archive, [(info.filename, info.is_dir()) for info in infos])
         for info in infos:  # written by hand: ZipFile.extract silently rewrites unsafe names instead
             out = target.joinpath(*PurePosixPath(info.filename).parts)
             if info.is_dir():

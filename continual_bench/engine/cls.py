@@ -29,6 +29,11 @@ the same accuracy matrix. Checkpoint layout under ``ckpt_root``::
     <fingerprint>/run.json                      what the fingerprint covers
     <fingerprint>/task_001/meta.json            accuracies after task 1, N_train, N_store, loss, seconds
     <fingerprint>/task_003/state.safetensors    method.state_dict() (only the last finished task's is kept)
+
+Each meta.json records its state file's sha256 (``state_sha256``); the state a resumed run starts from must match
+it (or, for checkpoints from before the hash, be a well-formed safetensors file), else the run restarts from the
+latest task whose state is intact (from the first task when none is: earlier states are not kept), with a
+warning naming the file. A non-finite loss stops the run with an error naming it, the task and the step.
 """
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..backbones.vit import load_vit
@@ -51,7 +56,8 @@ from ..data.cls_data import ClsDataset, Split, class_order, holdout_split, load_
 from ..methods.base import build_settings
 from ..methods.cls_base import ClsMethod, ClsTask, cosine_factor
 from ..methods.registry import get_method
-from ..utils import UserError, atomic_write_json, config_hash, seed_everything, stable_seed
+from ..run_files import META, STATE, load_state, read_json, state_problem
+from ..utils import UserError, atomic_write_json, config_hash, file_sha256, seed_everything, stable_seed
 from .t2i import resolve_device
 
 log = logging.getLogger(__name__)
@@ -144,7 +150,8 @@ class ClsRunSpec:
     def restore(self, ckpt_dir: Path, tasks_done: int) -> ClsMethod:
         method = self.new_method()
         if tasks_done > 0:
-            state = load_file(str(ckpt_dir / f"task_{tasks_done:03d}" / "state.safetensors"), device=self.device)
+            task_dir = ckpt_dir / f"task_{tasks_done:03d}"
+            state = load_state(task_dir / STATE, read_json(task_dir / META).get("state_sha256"), device=self.device)
             method.load_state(state, self.train_tasks[:tasks_done])
         return method
 
@@ -289,7 +296,7 @@ def train_one_task(method: ClsMethod, task: ClsTask, data: TaskData, spec: ClsRu
             loss = out["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"method {method.name}: non-finite loss {loss.item()} at task {task.index} "
-                                         f"epoch {epoch} ({ {k: float(v) for k, v in out.items()} })")
+                                         f"epoch {epoch} step {step} ({ {k: float(v) for k, v in out.items()} })")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if s.max_grad_norm:
@@ -341,12 +348,41 @@ def _done(ckpt_dir: Path, t: int) -> bool:
     return (ckpt_dir / f"task_{t:03d}" / "meta.json").is_file()
 
 
+def _resume_point(ckpt_dir: Path, n_tasks: int) -> int:
+    """Tasks done whose results can be trusted: the finished prefix (readable meta.json), cut back to the latest
+    task whose state is intact when training must continue from it (states before the last are not kept)."""
+    done = 0
+    while done < n_tasks and _done(ckpt_dir, done + 1):
+        try:
+            read_json(ckpt_dir / f"task_{done + 1:03d}" / META)
+        except UserError as e:
+            log.warning("%s; training from task %d again", e, done + 1)
+            break
+        done += 1
+    if done == n_tasks:
+        return done  # every task's accuracies are in its meta.json: no state is loaded
+    start = done
+    while done > 0:
+        task_dir = ckpt_dir / f"task_{done:03d}"
+        problem = state_problem(task_dir / STATE, read_json(task_dir / META).get("state_sha256"))
+        if problem is None:
+            break
+        if problem != "missing":
+            log.warning("%s: corrupt checkpoint (%s)", task_dir / STATE, problem)
+        done -= 1
+    if done < start:
+        log.warning("training again from task %d (the state of task %d is the latest intact one; earlier states "
+                    "are not kept)", done + 1, done)
+    return done
+
+
 def _save_checkpoint(ckpt_dir: Path, t: int, method: ClsMethod, meta: dict) -> None:
     final = ckpt_dir / f"task_{t:03d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".task_{t:03d}.", dir=ckpt_dir))
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}, str(tmp / "state.safetensors"))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}, str(tmp / STATE))
+        meta["state_sha256"] = file_sha256(tmp / STATE)  # checked before a resumed run starts from it
+        (tmp / META).write_text(json.dumps(meta, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -364,16 +400,21 @@ def train_sequence(spec: ClsRunSpec, ckpt_root: str | Path, stop_after: int | No
     ckpt_dir = spec.checkpoint_dir(ckpt_root)
     data = TaskData(spec)
     metas = []
+    done = _resume_point(ckpt_dir, len(spec.train_tasks))
     for task in spec.train_tasks:
         t = task.index
-        if _done(ckpt_dir, t):
-            metas.append(json.loads((ckpt_dir / f"task_{t:03d}" / "meta.json").read_text()))
+        if t <= done:
+            metas.append(read_json(ckpt_dir / f"task_{t:03d}" / META))
             log.info("task %d: checkpoint found, skipping", t)
             continue
         if t > 1:
             log.info("task %d: resuming from the checkpoint of task %d", t, t - 1)
         method = spec.restore(ckpt_dir, t - 1)
-        meta = train_one_task(method, task, data, spec)
+        try:
+            meta = train_one_task(method, task, data, spec)
+        except FloatingPointError as e:  # nothing of this task is saved: a rerun starts it again
+            raise FloatingPointError(f"run {spec.ds.name}/T{spec.n_tasks}/{spec.method_cls.name}/seed{spec.seed} "
+                                     f"({ckpt_dir}): {e}; task {t} was not saved") from None
         eval_tasks = spec.tasks if spec.method_cls.joint else spec.tasks[:t]
         meta["acc"] = evaluate_seen(method, data, spec, task.hi, eval_tasks)
         log.info("task %d: loss %.4f -> %.4f in %.1fs; acc %s", t, meta["loss_first"], meta["loss_last"],

@@ -9,7 +9,14 @@ Checkpoint layout (``ckpt_dir``, the run's ``checkpoints/`` folder)::
 
     <fingerprint>/run.json                what the fingerprint covers
     <fingerprint>/task_001/state.safetensors   method.state_dict() after task 1
-    <fingerprint>/task_001/meta.json           task, concept, N_train, N_store, loss curve summary, seconds
+    <fingerprint>/task_001/meta.json           task, concept, N_train, N_store, loss curve summary, seconds,
+                                               state_sha256 (the sha256 of state.safetensors)
+
+A task counts as done when its meta.json reads and its state file matches the recorded sha256 (checkpoints
+from before the hash was recorded: a well-formed safetensors file of the size its header gives). A task that
+fails the check is trained again from the previous task's checkpoint, with a warning naming the file; every
+later load verifies the hash again. A non-finite loss stops the run with an error naming it, the task and the
+step; that task's checkpoint is not written.
 
 The fingerprint hashes the method, its settings, the seed, the concept sequence and the backbone's
 weight files (size and mtime), so changed settings or a rebuilt backbone never resume from stale
@@ -28,14 +35,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..backbones.model import T2IModel
 from ..data.datasets import PreparedDataset
 from ..methods.base import T2IMethod, Task, build_settings
 from ..methods.registry import get_method
-from ..utils import UserError, atomic_write_json, config_hash, seed_everything, stable_seed
+from ..run_files import META, STATE, load_state, read_json, state_problem
+from ..utils import UserError, atomic_write_json, config_hash, file_sha256, seed_everything, stable_seed
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +122,10 @@ class RunSpec:
                                                "backbone": str(self.backbone)})
         return d
 
+    def name(self) -> str:
+        """The run, as the result folders name it: ``<benchmark data>/T<n>/<method>/seed<s>``."""
+        return f"{self.ds.name}/T{self.n_tasks}/{self.method_cls.name}/seed{self.seed}"
+
     def new_method(self) -> T2IMethod:
         model = T2IModel.from_pretrained(self.backbone, device=self.device)
         return self.method_cls(model, self.settings, seed=self.seed)
@@ -122,7 +134,9 @@ class RunSpec:
         """A method whose model is in the state after ``tasks_done`` tasks."""
         method = self.new_method()
         if tasks_done > 0:
-            state = load_file(str(ckpt_dir / f"task_{tasks_done:03d}" / "state.safetensors"), device=self.device)
+            task_dir = ckpt_dir / f"task_{tasks_done:03d}"
+            meta = read_json(task_dir / META)
+            state = load_state(task_dir / STATE, meta.get("state_sha256"), device=self.device)
             method.load_state(state, self.tasks[:tasks_done])
         return method
 
@@ -130,6 +144,25 @@ class RunSpec:
 # ------------------------------------------------------------------------------------------- training
 def _done(ckpt_dir: Path, t: int) -> bool:
     return (ckpt_dir / f"task_{t:03d}" / "meta.json").is_file()
+
+
+def finished_meta(ckpt_dir: Path, t: int) -> dict | None:
+    """Task ``t``'s meta.json when the task is done and its checkpoint intact; None when it must be trained (a
+    checkpoint that fails its check is reported with a warning naming the file)."""
+    task_dir = ckpt_dir / f"task_{t:03d}"
+    if not _done(ckpt_dir, t):
+        return None
+    try:
+        meta = read_json(task_dir / META)
+    except UserError as e:
+        log.warning("%s; training task %d again", e, t)
+        return None
+    problem = state_problem(task_dir / STATE, meta.get("state_sha256"))
+    if problem:
+        log.warning("%s: corrupt checkpoint (%s); training task %d again from task %d", task_dir / STATE, problem,
+                    t, t - 1)
+        return None
+    return meta
 
 
 def train_one_task(method: T2IMethod, task: Task, seed: int) -> dict:
@@ -178,6 +211,8 @@ def train_one_task(method: T2IMethod, task: Task, seed: int) -> dict:
         losses.append(total)
         if step % 25 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}")
+    if not losses:
+        raise FloatingPointError(f"method {method.name}: no training step at task {task.index} (steps={s.steps})")
     n_trained = method.n_trained()
     method.end_task(task)
     return {"task": task.index, "concept": task.concept, "token": task.token, "steps": s.steps,
@@ -190,8 +225,9 @@ def _save_checkpoint(ckpt_dir: Path, t: int, method: T2IMethod, meta: dict) -> N
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".task_{t:03d}.", dir=ckpt_dir))
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}, str(tmp / "state.safetensors"))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}, str(tmp / STATE))
+        meta["state_sha256"] = file_sha256(tmp / STATE)  # verified before the checkpoint is trusted again
+        (tmp / META).write_text(json.dumps(meta, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -201,13 +237,14 @@ def _save_checkpoint(ckpt_dir: Path, t: int, method: T2IMethod, meta: dict) -> N
 
 
 def train_sequence(spec: RunSpec, ckpt_root: str | Path) -> list[dict]:
-    """Train every task of ``spec`` in order, skipping tasks that already have a checkpoint."""
+    """Train every task of ``spec`` in order, skipping tasks that already have an intact checkpoint."""
     ckpt_dir = spec.checkpoint_dir(ckpt_root)
     metas = []
     for task in spec.tasks:
         t = task.index
-        if _done(ckpt_dir, t):
-            metas.append(json.loads((ckpt_dir / f"task_{t:03d}" / "meta.json").read_text()))
+        done = finished_meta(ckpt_dir, t)
+        if done is not None:
+            metas.append(done)
             log.info("task %d (%s): checkpoint found, skipping", t, task.concept)
             continue
         if t > 1:
@@ -220,6 +257,8 @@ def train_sequence(spec: RunSpec, ckpt_root: str | Path) -> list[dict]:
             for tk in given:
                 tk.images = spec.ds.images(concept=tk.concept, split="train", size=size)
             meta = train_one_task(method, task, spec.seed)
+        except FloatingPointError as e:  # nothing of this task is saved: a rerun starts it again
+            raise FloatingPointError(f"run {spec.name()} ({ckpt_dir}): {e}; task {t} was not saved") from None
         finally:
             for tk in given:
                 tk.images = torch.empty(0)

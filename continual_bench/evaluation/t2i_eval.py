@@ -25,7 +25,6 @@ takeover and its base rates, N_train, N_store), every row with provenance.
 from __future__ import annotations
 
 import io
-import json
 import logging
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 from ..data.datasets import PreparedDataset, load_images
 from .oracle import GENERIC
 from ..engine.t2i import RunSpec
+from ..run_files import load_npz, read_json
 from ..utils import UserError, atomic_path, atomic_write_text, stable_seed
 from . import metrics as M
 
@@ -149,16 +149,13 @@ def concept_text(ds: PreparedDataset, concept: str, class_word: str) -> str:
 def evaluate_run(*, train_json: str | Path, samples_npz: str | Path, data_dir: str | Path, judge, oracle=None,
                  ident: dict, provenance: dict, out_metrics: str | Path, out_R: str | Path) -> pd.DataFrame:
     """Compute R[t][k] and the run's aggregate metrics; write both CSVs atomically."""
-    info = json.loads(Path(train_json).read_text())
+    info = read_json(train_json)
     sequence = info["sequence"]
     class_word = info.get("class_word", "")
     T = len(sequence)
     ds = PreparedDataset(data_dir)
     has_generic = bool(ds.records(concept=GENERIC))
-    try:
-        samples = dict(np.load(samples_npz))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{samples_npz}: unreadable samples file ({e})") from None
+    samples = load_npz(samples_npz)
     templates = [str(x) for x in samples.pop(TEXT_TEMPLATES_KEY, [])]
     held_out = {key: samples.pop(key) for key in [k for k in samples if "_text" in k]}
     real_feats_of: dict[str, torch.Tensor] = {}  # judge features of each reference set, computed once

@@ -20,12 +20,15 @@ non-continual reference method (the ``joint`` upper bound) sets the class attrib
 True``; the engine then loads every past concept's real training images into ``task.past[i].images``
 before ``begin_task`` and empties them after the task. ``training_data`` lets a method train on more than
 the task's own images (past images, replayed samples), with one prompt per image.
-Hyper-parameters are a dataclass ``Settings`` (defaults = toy profile); the config's
-``method_settings.<name>`` overrides its fields; an unknown key is an error naming it.
+Hyper-parameters are a dataclass ``Settings`` (defaults = toy profile) whose fields are declared with
+:func:`setting` (default, one line of help, valid range); the config's ``method_settings.<name>`` overrides
+them; an unknown key or a value out of range is an error naming it.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -35,17 +38,78 @@ import torch
 from ..utils import UserError
 
 
+def setting(default, help: str, *, min=None, max=None, gt=None, lt=None, choices=None, pattern=None,
+            multiple_of=None):
+    """A field of a method's ``Settings`` dataclass: its default, one line of help and its valid values.
+
+    ``min``/``max``: inclusive bounds; ``gt``/``lt``: exclusive bounds; ``choices``: the allowed values;
+    ``pattern``: a regular expression a text value must match in full; ``multiple_of``: an integer step.
+    :func:`build_settings` checks every given value against them (and the workflow checks every configured
+    method's settings when the Snakefile loads), so a bad value is refused by name before anything runs.
+    """
+    meta = {"help": help}
+    for key, value in (("min", min), ("max", max), ("gt", gt), ("lt", lt), ("choices", choices),
+                       ("pattern", pattern), ("multiple_of", multiple_of)):
+        if value is not None:
+            meta[key] = tuple(value) if key == "choices" else value
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def setting_meta(cls_settings: type, name: str) -> dict:
+    """The metadata of field ``name``: its own, else that of the nearest base dataclass declaring it with some (a
+    subclass that redeclares a field with a plain default keeps the base's range)."""
+    for klass in getattr(cls_settings, "__mro__", (cls_settings,)):
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None and f.metadata:
+            return dict(f.metadata)
+    return {}
+
+
+def allowed(meta: dict, name: str = "value") -> str:
+    """The valid values of field ``name`` in words ("lr > 0", "rank >= 1 and rank <= 8", "one of ['base', 'current']")."""
+    parts = []
+    if "choices" in meta:
+        parts.append(f"one of {list(meta['choices'])}")
+    for key, op in (("gt", ">"), ("min", ">="), ("lt", "<"), ("max", "<=")):
+        if key in meta:
+            parts.append(f"{name} {op} {meta[key]}")
+    if "multiple_of" in meta:
+        parts.append(f"a multiple of {meta['multiple_of']}")
+    if "pattern" in meta:
+        parts.append(f"matching {meta['pattern']}")
+    return " and ".join(parts) or "any value"
+
+
+def check_setting(where: str, name: str, value, meta: dict) -> None:
+    """Raise a one-line UserError naming ``where.name``, the value and the allowed range when ``value`` is outside it."""
+    bad = False
+    if isinstance(value, float) and not math.isfinite(value):
+        bad = True
+    if "choices" in meta and value not in meta["choices"]:
+        bad = True
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not bad:
+        bad = (("min" in meta and value < meta["min"]) or ("max" in meta and value > meta["max"])
+               or ("gt" in meta and value <= meta["gt"]) or ("lt" in meta and value >= meta["lt"])
+               or ("multiple_of" in meta and value % meta["multiple_of"] != 0))
+    if isinstance(value, str) and "pattern" in meta and not re.fullmatch(meta["pattern"], value):
+        bad = True
+    if bad:
+        what = f" ({meta['help']})" if meta.get("help") else ""
+        kind = "out of range" if isinstance(value, (int, float)) and not isinstance(value, bool) else "not valid"
+        raise UserError(f"{where}.{name}: {value!r} is {kind}; allowed: {allowed(meta, name)}{what}")
+
+
 @dataclass
 class TrainSettings:
     """Training settings every method has (toy-profile defaults)."""
 
-    steps: int = 300
-    batch_size: int = 16
-    lr: float = 1e-3
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    flip: bool = True  # horizontal flip augmentation
+    steps: int = setting(300, "optimizer steps per task", min=1)
+    batch_size: int = setting(16, "images per step", min=1)
+    lr: float = setting(1e-3, "learning rate (AdamW)", gt=0)
+    grad_accum: int = setting(1, "batches accumulated per optimizer step", min=1)
+    weight_decay: float = setting(0.0, "AdamW weight decay", min=0)
+    max_grad_norm: float = setting(1.0, "gradient-norm clipping; 0 = none", min=0)
+    flip: bool = setting(True, "horizontal flip augmentation")
 
 
 @dataclass
@@ -75,7 +139,9 @@ def generic_prompt(class_word: str) -> str:
 
 
 def build_settings(cls_settings: type, overrides: dict | None, where: str):
-    """Instantiate a settings dataclass from ``overrides``; unknown keys and wrong types are errors."""
+    """Instantiate a settings dataclass from ``overrides``; unknown keys, wrong types and values outside a field's
+    range (:func:`setting`) are errors naming ``where.<key>``, the value and what is allowed. A Settings class may
+    add a ``check(where)`` method for constraints between fields."""
     overrides = dict(overrides or {})
     fields = {f.name: f for f in dataclasses.fields(cls_settings)}
     unknown = sorted(set(overrides) - set(fields))
@@ -90,10 +156,14 @@ def build_settings(cls_settings: type, overrides: dict | None, where: str):
             except ValueError:
                 raise UserError(f"{where}.{k}: expected {want.__name__}, got {v!r}") from None
         if want is float and isinstance(v, int) and not isinstance(v, bool):
-            overrides[k] = float(v)
-        elif want in (int, float, bool, str) and not isinstance(v, want):
+            v = overrides[k] = float(v)
+        elif want in (int, float, bool, str) and (not isinstance(v, want) or (isinstance(v, bool) and want is not bool)):
             raise UserError(f"{where}.{k}: expected {want.__name__}, got {v!r}")
-    return cls_settings(**overrides)
+        check_setting(where, k, v, setting_meta(cls_settings, k))
+    settings = cls_settings(**overrides)
+    if callable(getattr(settings, "check", None)):
+        settings.check(where)
+    return settings
 
 
 class T2IMethod:

@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .base import setting
+
 
 @dataclass
 class ClsTrainSettings:
@@ -65,15 +67,18 @@ class ClsTrainSettings:
     CODA-P's code runs (REFERENCE.md sec. 6).
     """
 
-    epochs: int = 15
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    max_grad_norm: float = 0.0  # 0: no clipping (CODA-P clips nothing)
-    schedule: str = "cosine"  # "cosine" (CODA-P's CosineSchedule) or "constant"
-    min_steps: int = 225  # floor on steps per task (more epochs for small tasks); 0 = epochs only (paper)
-    val_fraction: float = 0.0  # > 0: evaluate on this fraction of each class's TRAIN images, held out (grids)
-    precision: str = "bf16"  # CUDA: "bf16" autocast around the backbone, or "fp32" (CODA-P); CPU: fp32 always
+    epochs: int = setting(15, "passes over a task's training images (paper profile: 50)", min=1)
+    batch_size: int = setting(32, "images per step (paper profile: 128)", min=1)
+    lr: float = setting(1e-3, "learning rate (Adam)", gt=0)
+    weight_decay: float = setting(0.0, "Adam weight decay", min=0)
+    max_grad_norm: float = setting(0.0, "gradient-norm clipping; 0: no clipping (CODA-P clips nothing)", min=0)
+    schedule: str = setting("cosine", "'cosine' (CODA-P's CosineSchedule) or 'constant'", choices=("cosine", "constant"))
+    min_steps: int = setting(225, "floor on steps per task (more epochs for small tasks); 0 = epochs only (paper)",
+                             min=0)
+    val_fraction: float = setting(0.0, "> 0: evaluate on this fraction of each class's TRAIN images, held out (grids)",
+                                  min=0, lt=1)
+    precision: str = setting("bf16", "CUDA: 'bf16' autocast around the backbone, or 'fp32' (CODA-P); CPU: fp32 always",
+                             choices=("bf16", "fp32"))
 
 
 @dataclass

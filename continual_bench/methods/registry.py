@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 TRACKS = ("t2i", "cls")
 _REGISTRY: dict[tuple[str, str], type] = {}
 _LOADED = False
+FAILED_PLUGINS: dict[str, str] = {}  # entry-point name -> why it failed to load
 
 
 def register(track: str, name: str):
@@ -54,8 +55,9 @@ def _load_all() -> None:
     for ep in entry_points(group="continual_bench.methods"):
         try:
             ep.load()
-        except Exception as e:  # a broken plugin must not hide the others, but must be visible
-            log.error("plugin %s (%s) failed to load: %s", ep.name, ep.value, e)
+        except (Exception, SystemExit) as e:  # a broken plugin (even one calling sys.exit) must not hide the others
+            log.error("plugin %s (%s) failed to load: %s: %s", ep.name, ep.value, type(e).__name__, e)
+            FAILED_PLUGINS[ep.name] = f"{ep.value}: {type(e).__name__}: {e}"
 
 
 def get_method(track: str, name: str) -> type:

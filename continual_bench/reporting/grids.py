@@ -23,20 +23,25 @@ def sample_grid_from_npz(samples_npz, train_info: dict, out_path, title: str, pe
     columns: the base model, then after each task. Cells never sampled stay empty."""
     from ..evaluation.t2i_eval import generic_prompt, parse_sample_key
 
-    samples = np.load(samples_npz)
-    T = len(train_info["sequence"])
-    first = samples[next(iter(samples.files))]
-    cell = tile(first, per_cell)
-    # the training prompt's samples only (held-out text-template samples and the template list are skipped)
-    keys = {parse_sample_key(key): key for key in samples.files if key.startswith("after") and "_text" not in key}
-    with_generic = any(k == 0 for _, k in keys)
-    n_rows = T + int(with_generic)
-    grid = np.zeros((n_rows, T + 1) + cell.shape, np.uint8)
-    present = np.zeros((n_rows, T + 1), bool)
-    for (t, k), key in keys.items():
-        row = k - 1 if k else T
-        grid[row, t] = tile(samples[key], per_cell)
-        present[row, t] = True
+    from ..run_files import NPZ_ERRORS, file_error
+
+    try:
+        samples = np.load(samples_npz)
+        T = len(train_info["sequence"])
+        first = samples[next(iter(samples.files))]
+        cell = tile(first, per_cell)
+        # the training prompt's samples only (held-out text-template samples and the template list are skipped)
+        keys = {parse_sample_key(key): key for key in samples.files if key.startswith("after") and "_text" not in key}
+        with_generic = any(k == 0 for _, k in keys)
+        n_rows = T + int(with_generic)
+        grid = np.zeros((n_rows, T + 1) + cell.shape, np.uint8)
+        present = np.zeros((n_rows, T + 1), bool)
+        for (t, k), key in keys.items():
+            row = k - 1 if k else T
+            grid[row, t] = tile(samples[key], per_cell)
+            present[row, t] = True
+    except (*NPZ_ERRORS, StopIteration) as e:
+        raise file_error(samples_npz, "unreadable or truncated samples file", e) from None
     rows = [f"{tok} ({c})" for tok, c in zip(train_info["tokens"], train_info["sequence"])]
     if with_generic:
         rows.append(f'"{generic_prompt(train_info.get("class_word", ""))}"')

@@ -20,11 +20,47 @@ log = logging.getLogger(__name__)
 FIGURE_METRICS = ("oracle", "clip", "clip_t", "mmd")  # text-to-image R-matrix metrics with figures
 
 
+def expected_runs(run_dir: str | Path) -> list[Path] | None:
+    """The ``metrics.csv`` of every run the run directory's configuration asks for (``<run_dir>/config.yaml``,
+    written by the workflow's run_config rule), or None when there is no such file."""
+    import yaml
+
+    cfg_path = Path(run_dir) / "config.yaml"
+    if not cfg_path.is_file():
+        return None
+    try:
+        cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"{cfg_path}: unreadable ({' '.join(str(e).split())}); delete it and run snakemake again "
+                        "(or pass --metrics)") from None
+    out = []
+    for prefix in ("", "cls_"):
+        benches = cfg.get(f"{prefix}benchmarks") or []
+        methods = cfg.get(f"{prefix}methods") or []
+        for b in benches:
+            for n in cfg.get(f"{prefix}n_tasks") or []:
+                for m in methods:
+                    for s in cfg.get(f"{prefix}seeds") or []:
+                        out.append(Path(run_dir) / "runs" / str(b) / f"T{n}" / str(m) / f"seed{s}" / "metrics.csv")
+    return out
+
+
+def _missing_error(missing: list[Path], expected: int, source: str) -> UserError:
+    shown = ", ".join(str(p) for p in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return UserError(f"{len(missing)} of the {expected} runs {source} have no metrics file: {shown}; run snakemake "
+                     "again to build them, or pass --allow-missing to build the tables from the runs present "
+                     "(n_seeds then says how many seeds each cell has)")
+
+
 def build_report(run_dir: str | Path, metric_paths: list[str | Path] | None = None,
-                 reference_dir: str | Path | None = None, noise_floor_paths: list[str | Path] | None = None) -> list[Path]:
+                 reference_dir: str | Path | None = None, noise_floor_paths: list[str | Path] | None = None,
+                 allow_missing: bool = False) -> list[Path]:
     """Metric files -> ``summary.csv``, ``tables/*`` and ``figures/summary/*`` under ``run_dir``.
 
-    ``metric_paths`` defaults to every ``<run_dir>/runs/**/metrics.csv``; each run's ``R.csv`` beside
+    ``metric_paths`` are the expected runs' files: one missing is an error naming it, unless ``allow_missing``
+    (then the tables hold the runs present, and their ``n_seeds`` say how many seeds each cell has). Without
+    them: every ``<run_dir>/runs/**/metrics.csv``, and the runs ``<run_dir>/config.yaml`` asks for
+    (:func:`expected_runs`) must be among them, with the same exception. Each run's ``R.csv`` beside
     its ``metrics.csv`` (text-to-image R[t][k], classification accuracy matrix) feeds the figures:
     forgetting curves and R-matrix heatmaps per (benchmark, n_tasks, metric), accuracy-vs-task curves
     per classification benchmark. Published numbers come from ``reference_dir`` (default
@@ -33,7 +69,18 @@ def build_report(run_dir: str | Path, metric_paths: list[str | Path] | None = No
     Nothing here touches a model: it takes seconds.
     """
     run_dir = Path(run_dir)
-    paths = sorted(Path(p) for p in metric_paths) if metric_paths else sorted(run_dir.glob("runs/**/metrics.csv"))
+    if metric_paths:
+        expected, source = sorted(Path(p) for p in metric_paths), "given with --metrics"
+        paths = [p for p in expected if p.is_file()]
+    else:
+        paths = sorted(run_dir.glob("runs/**/metrics.csv"))
+        expected, source = expected_runs(run_dir), f"that {run_dir / 'config.yaml'} asks for"
+    missing = [p for p in (expected or []) if not p.is_file()]
+    if missing:
+        if not allow_missing:
+            raise _missing_error(missing, len(expected), source)
+        log.warning("%s; building the tables from the %d runs present (--allow-missing)",
+                    _missing_error(missing, len(expected), source), len(paths))
     if not paths:
         raise UserError(f"{run_dir}: no runs/**/metrics.csv found; run the evaluation first")
     summary = write_summary(paths, run_dir / "summary.csv")
@@ -52,7 +99,9 @@ def build_report(run_dir: str | Path, metric_paths: list[str | Path] | None = No
     written += _tradeoffs(load_metrics(paths), floor, figures)
     r_paths = [p.parent / "R.csv" for p in paths if (p.parent / "R.csv").is_file()]
     if r_paths:
-        R = pd.concat([pd.read_csv(p) for p in r_paths], ignore_index=True)
+        from ..run_files import read_csv
+
+        R = pd.concat([read_csv(p) for p in r_paths], ignore_index=True)
         if "track" not in R.columns:
             R["track"] = "t2i"
         for (track, bench), by_bench in R.groupby(["track", "benchmark"]):

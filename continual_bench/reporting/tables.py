@@ -148,13 +148,15 @@ def _not_significant(per_seed: pd.DataFrame | None, metric: str, best: str, othe
 
 
 def _wide_csv(group: pd.DataFrame, methods: list[str], metrics: list[str], ref: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per method: ``<metric>`` and ``<metric>_std`` columns, ``source`` = this suite or the citation."""
+    """One row per method: ``<metric>`` and ``<metric>_std`` columns, ``n_seeds`` (the fewest seeds behind any of the
+    row's cells), ``source`` = this suite or the citation."""
     mean = group.pivot(index="method", columns="metric", values="mean").reindex(index=methods, columns=metrics)
     std = group.pivot(index="method", columns="metric", values="std").reindex(index=methods, columns=metrics)
     wide = pd.DataFrame(index=pd.Index(methods, name="method"))
     for m in metrics:
         wide[m] = mean[m]
         wide[f"{m}_std"] = std[m]
+    wide["n_seeds"] = _seeds_per_method(group).reindex(methods)
     wide["source"] = "continual-bench"
     wide = wide.reset_index()
     if ref is not None and not ref.empty:
@@ -170,6 +172,18 @@ def _wide_csv(group: pd.DataFrame, methods: list[str], metrics: list[str], ref: 
     return wide
 
 
+def _seeds_per_method(group: pd.DataFrame) -> pd.Series:
+    """Per method of a summary group: the fewest seeds behind any of its cells (``n_seeds`` of summarize())."""
+    return group.groupby("method", sort=False)["n_seeds"].min().astype(int)
+
+
+def _seed_labels(per_method: dict[str, str]) -> dict[str, str]:
+    """Row labels ``<method> (n=<seeds>)`` when the methods of a table have different seed counts, else none."""
+    if len(set(per_method.values())) <= 1:
+        return {}
+    return {m: f"{m} (n={n})" for m, n in per_method.items()}
+
+
 def _caption(benchmark: str, n_tasks, n_seeds: pd.Series) -> str:
     lo, hi = int(n_seeds.min()), int(n_seeds.max())
     seeds = f"{hi} seed{'s' if hi != 1 else ''}" if lo == hi else f"{lo}--{hi} seeds"
@@ -183,13 +197,14 @@ def _plain(latex_text: str) -> str:
 
 
 def _styled_tables(mean: pd.DataFrame, std: pd.DataFrame, metric_of, seeds_of, ref_cells: pd.DataFrame | None,
-                  *, caption: str, label: str, header: str, floor_of=None) -> tuple[str, str]:
+                  *, caption: str, label: str, header: str, floor_of=None, labels=None) -> tuple[str, str]:
     """Booktabs LaTeX and an HTML twin of a methods x columns table through pandas Styler.
 
     ``mean``/``std``: methods x column keys; ``metric_of(col)`` names a column's metric (for its format and
     direction); ``seeds_of(col)`` gives the per-seed long table of that column (Welch) or None.
     ``ref_cells``: already formatted reported rows, printed below a rule and never highlighted.
     ``floor_of(col)``: the column's noise floor or None; means within it of the best are bold too.
+    ``labels``: row labels of methods (e.g. with their seed counts when those differ).
     """
     methods, cols = list(mean.index), list(mean.columns)
     cells = pd.DataFrame({c: [format_cell(metric_of(c), mean.at[r, c], std.at[r, c]) for r in methods] for c in cols},
@@ -206,6 +221,8 @@ def _styled_tables(mean: pd.DataFrame, std: pd.DataFrame, metric_of, seeds_of, r
             for r in _not_significant(seeds_of(c), m, top[0], others):
                 css.at[r, c] = UNDERLINE
     n_own = len(cells)
+    if labels:
+        cells.index = css.index = [labels.get(m, m) for m in methods]
     if ref_cells is not None and not ref_cells.empty:
         cells = pd.concat([cells, ref_cells[cols]])
         css = pd.concat([css, pd.DataFrame("", index=ref_cells.index, columns=cols)])
@@ -346,7 +363,8 @@ def write_tables(summary_df: pd.DataFrame, out_dir: Path, per_seed_df: pd.DataFr
                             caption=_caption(benchmark, n_tasks, group["n_seeds"]),
                             label=f"tab:{benchmark}_T{n_tasks}",
                             header=_header(track, f"{benchmark} / T={n_tasks}", per_seed is not None, ref),
-                            floor_of=floor_of)
+                            floor_of=floor_of,
+                            labels=_seed_labels({m: str(n) for m, n in _seeds_per_method(group).items()}))
         written += [csv_path, *_write_tex_html(out_dir, stem, tex, html_table)]
 
     for benchmark, group in summary_df[summary_df.track == "cls"].groupby("benchmark", sort=True):
@@ -374,6 +392,10 @@ def _write_combined(group: pd.DataFrame, benchmark: str, out_dir: Path, seeds, r
     for n, m in cols:
         flat[f"{m}_T{n}"] = mean[(n, m)].to_numpy()
         flat[f"{m}_T{n}_std"] = std[(n, m)].to_numpy()
+    sub = group[group.metric.isin(metrics)]
+    seed_counts = {n: _seeds_per_method(sub[sub.n_tasks == n]).reindex(methods) for n in lengths}
+    for n in lengths:
+        flat[f"n_seeds_T{n}"] = seed_counts[n].to_numpy()
     flat["source"] = "continual-bench"
     ref = ref[ref.metric.isin(metrics) & ref.n_tasks.isin(lengths)]
     if not ref.empty:
@@ -393,5 +415,7 @@ def _write_combined(group: pd.DataFrame, benchmark: str, out_dir: Path, seeds, r
     tex, html_table = _styled_tables(mean, std, lambda c: c[1], lambda c: seeds("cls", benchmark, c[0]),
                         _ref_cells(ref, cols, lambda c: c[1], lambda c: c[0], benchmark),
                         caption=_caption(benchmark, lengths, n_seeds), label=f"tab:{benchmark}_combined",
-                        header=_header("cls", f"{benchmark} / T={lengths}", seeds("cls", benchmark, lengths[0]) is not None, ref))
+                        header=_header("cls", f"{benchmark} / T={lengths}", seeds("cls", benchmark, lengths[0]) is not None, ref),
+                        labels=_seed_labels({m: "/".join("-" if pd.isna(seed_counts[n][m]) else str(int(seed_counts[n][m]))
+                                                         for n in lengths) for m in methods}))
     return [csv_path, *_write_tex_html(out_dir, f"{benchmark}_combined", tex, html_table)]

@@ -4,7 +4,8 @@
 # the rules in fetch.smk.
 # Runs write metrics.csv (same long format as t2i, so the tables rule summarizes both tracks),
 # acc_matrix.csv, R.csv (the same matrix in the t2i R format, for the figures) and train.json;
-# checkpoints live next to them, undeclared, so a killed job resumes.
+# checkpoints live next to them, undeclared, so a killed job resumes; its log is appended to (see t2i.smk),
+# and its outputs are update(): a failed rerun puts the previous files back.
 ruleorder: toy_imagenet_r_data > toy_data
 ruleorder: train_cls > train
 ruleorder: train_cls > evaluate
@@ -53,13 +54,12 @@ rule train_cls:
         backbone=cls_backbone_input,
         data=lambda w: f"{cls_data_dir(w.benchmark)}/manifest.csv",
     output:
-        metrics=f"{CLS_RUN_DIR}/metrics.csv",
-        acc=f"{CLS_RUN_DIR}/acc_matrix.csv",
-        R=f"{CLS_RUN_DIR}/R.csv",
-        train=f"{CLS_RUN_DIR}/train.json",
-    log:
-        f"{CLS_RUN_DIR}/logs/train_cls.log",
+        metrics=update(f"{CLS_RUN_DIR}/metrics.csv"),
+        acc=update(f"{CLS_RUN_DIR}/acc_matrix.csv"),
+        R=update(f"{CLS_RUN_DIR}/R.csv"),
+        train=update(f"{CLS_RUN_DIR}/train.json"),
     params:
+        log=lambda w, output: Path(output.metrics).parent / "logs" / "train_cls.log",
         backbone=cls_backbone,
         data=lambda w: cls_data_dir(w.benchmark),
         settings=cls_settings,
@@ -75,8 +75,11 @@ rule train_cls:
     conda:
         CONDA_ENV
     shell:
+        "mkdir -p \"$(dirname {params.log:q})\"; echo \"== $(date -u +%Y-%m-%dT%H:%M:%SZ) train-cls on $(uname -n)\" "
+        ">> {params.log:q}; "
         "continual-bench --threads {threads} train-cls "
-        "--backbone {params.backbone} --data {params.data} --benchmark {wildcards.benchmark} "
-        "--method {wildcards.method} --n-tasks {wildcards.n_tasks} --seed {wildcards.seed} "
-        "--settings {params.settings:q} --ckpt-dir {params.ckpt} --device {params.device} {params.extra} "
-        "--out-train {output.train} --out-metrics {output.metrics} --out-acc {output.acc} --out-R {output.R} 2> {log}"
+        "--backbone {params.backbone:q} --data {params.data:q} --benchmark {wildcards.benchmark:q} "
+        "--method {wildcards.method:q} --n-tasks {wildcards.n_tasks:q} --seed {wildcards.seed:q} "
+        "--settings {params.settings:q} --ckpt-dir {params.ckpt:q} --device {params.device:q} {params.extra} "
+        "--out-train {output.train:q} --out-metrics {output.metrics:q} --out-acc {output.acc:q} --out-R {output.R:q} "
+        "2>> {params.log:q}"

@@ -2,6 +2,7 @@
 # maps config values to file names.
 import json
 import os
+import shlex
 import sys
 
 from snakemake.settings.types import DeploymentMethod
@@ -17,10 +18,14 @@ LOGS = f"{RESULTS}/logs"
 # Rules call the package's CLI, `continual-bench`, defined for every job as a shell function that runs
 # this checkout's package: inside --use-conda envs (which hold the dependencies, not the package) with the
 # env's python, otherwise with the Python that runs Snakemake (the project's venv).
+# Every value from the config that reaches a shell command is quoted: {...:q}, or shlex.quote inside a param that
+# holds several arguments (inserted as is; such params keep their earlier text for ordinary values, so Snakemake's
+# params trigger reruns nothing). A config value is never shell code, and a path may hold spaces. (The toy world's
+# rules pass only integers the schema checked and fixed paths.)
 _PY = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else sys.executable
 shell.executable("bash")
-_CLI = (f'continual-bench() {{ PYTHONPATH="{workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}}" '
-        f'"{_PY}" -m continual_bench "$@"; }}; ')
+_CLI = (f'continual-bench() {{ PYTHONPATH={shlex.quote(str(workflow.basedir))}"${{PYTHONPATH:+:$PYTHONPATH}}" '
+        f'{shlex.quote(_PY)} -m continual_bench "$@"; }}; ')
 _CLI = _CLI.replace("{", "{{").replace("}", "}}")  # Snakemake formats the prefix like the command
 
 
@@ -83,9 +88,9 @@ def paper_manifest(name):
 
 
 def paper_fetch_flags():
-    """--offline / --base-url for the fetch commands (paper.offline, paper.base_url)."""
+    """--offline / --base-url for the fetch commands (paper.offline, paper.base_url), quoted for the shell."""
     flags = "--offline" if PAPER["offline"] else ""
-    return flags + (f" --base-url {PAPER['base_url']}" if PAPER["base_url"] else "")
+    return flags + (f" --base-url {shlex.quote(PAPER['base_url'])}" if PAPER["base_url"] else "")
 
 
 def t2i_backbone(w=None):
@@ -134,7 +139,10 @@ def run_targets(pattern):
 
 
 def all_outputs():
+    # every run's metrics.csv is a target itself: a deleted one is rebuilt (as an input of the tables only, Snakemake
+    # would leave it missing while summary.csv exists, and the tables would silently lose the run)
     return [f"{RESULTS}/summary.csv", f"{RESULTS}/config.yaml"] + run_targets(
+        "{results}/runs/{benchmark}/T{n_tasks}/{method}/seed{seed}/metrics.csv") + run_targets(
         "{results}/figures/samples/{benchmark}_T{n_tasks}_{method}_seed{seed}.png")
 
 
@@ -194,11 +202,12 @@ def cls_settings(w):
 
 
 def cls_data_args(w):
-    """Augmentation and input size: toy = flips at the backbone's size; paper = CODA-P's crops at 224."""
+    """Augmentation and input size: toy = flips at the backbone's size; paper = CODA-P's crops at 224 (quoted)."""
     if cls_is_toy(w.benchmark):
         return "--augment flip"
     p = config["cls_paper"]
-    return f"--augment rrc --image-size {p['image_size']} --workers {p['workers']} --backbone-name {p['backbone_name']}"
+    return (f"--augment rrc --image-size {int(p['image_size'])} --workers {int(p['workers'])} "
+            f"--backbone-name {shlex.quote(p['backbone_name'])}")
 
 
 wildcard_constraints:

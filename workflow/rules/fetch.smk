@@ -18,7 +18,7 @@ rule fetch_dataset:
     params:
         out=lambda w, output: Path(output[0]).parent,
         # Celeb-A HQ is a manual download: its files are taken from <paper.manual_dir>/celeba_hq/
-        manual=lambda w: f"--manual-dir {PAPER['manual_dir']}/{w.dataset}" if w.dataset == "celeba_hq" else "",
+        manual=lambda w: f"--manual-dir {shlex.quote(PAPER['manual_dir'] + '/' + w.dataset)}" if w.dataset == "celeba_hq" else "",
         flags=paper_fetch_flags(),
     wildcard_constraints:
         dataset="|".join(PAPER_DATASETS),
@@ -26,7 +26,8 @@ rule fetch_dataset:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench fetch --manifest {input.manifest} --out {params.out} {params.manual} {params.flags} 2> {log}"
+        "continual-bench fetch --manifest {input.manifest:q} --out {params.out:q} {params.manual} {params.flags} "
+        "2> {log:q}"
 
 
 rule prepare_celeba_hq:
@@ -45,8 +46,8 @@ rule prepare_celeba_hq:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench prepare-celeba-hq --raw {params.raw} --out {params.out} --data-seed {params.seed} "
-        "--settings {params.settings:q} --manifest {input.manifest} 2> {log}"
+        "continual-bench prepare-celeba-hq --raw {params.raw:q} --out {params.out:q} --data-seed {params.seed:q} "
+        "--settings {params.settings:q} --manifest {input.manifest:q} 2> {log:q}"
 
 
 rule select_gldv2_waterfalls:
@@ -64,8 +65,8 @@ rule select_gldv2_waterfalls:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench select-gldv2-waterfalls --raw {params.raw} --out {output} --data-seed {params.seed} "
-        "--settings {params.settings:q} --manifest {input.manifest} 2> {log}"
+        "continual-bench select-gldv2-waterfalls --raw {params.raw:q} --out {output:q} --data-seed {params.seed:q} "
+        "--settings {params.settings:q} --manifest {input.manifest:q} 2> {log:q}"
 
 
 rule fetch_gldv2_images:
@@ -84,8 +85,8 @@ rule fetch_gldv2_images:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench fetch-gldv2-images --raw {params.raw} --selection {input.selection} --out {output} "
-        "--settings {params.settings:q} --manifest {input.manifest} {params.flags} 2> {log}"
+        "continual-bench fetch-gldv2-images --raw {params.raw:q} --selection {input.selection:q} --out {output:q} "
+        "--settings {params.settings:q} --manifest {input.manifest:q} {params.flags} 2> {log:q}"
 
 
 rule prepare_gldv2_waterfalls:
@@ -104,8 +105,8 @@ rule prepare_gldv2_waterfalls:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench prepare-gldv2-waterfalls --raw {params.raw} --fetched {input.fetched} --out {params.out} "
-        "--data-seed {params.seed} --settings {params.settings:q} --manifest {input.manifest} 2> {log}"
+        "continual-bench prepare-gldv2-waterfalls --raw {params.raw:q} --fetched {input.fetched:q} --out {params.out:q} "
+        "--data-seed {params.seed:q} --settings {params.settings:q} --manifest {input.manifest:q} 2> {log:q}"
 
 
 rule prepare_imagenet_r:
@@ -122,8 +123,8 @@ rule prepare_imagenet_r:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench prepare-imagenet-r-fetched --raw {params.raw} --out {params.out} "
-        "--manifest {input.manifest} 2> {log}"
+        "continual-bench prepare-imagenet-r-fetched --raw {params.raw:q} --out {params.out:q} "
+        "--manifest {input.manifest:q} 2> {log:q}"
 
 
 rule fetch_model:
@@ -142,8 +143,8 @@ rule fetch_model:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench fetch-models --resources {params.resources} --model {wildcards.model} "
-        "--models-file {input.models} {params.flags} 2> {log}"
+        "continual-bench fetch-models --resources {params.resources:q} --model {wildcards.model:q} "
+        "--models-file {input.models:q} {params.flags} 2> {log:q}"
 
 
 rule paper_judge:
@@ -161,4 +162,5 @@ rule paper_judge:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench build-paper-judge --clip {params.clip} --inception {params.inception} --out {params.out} 2> {log}"
+        "continual-bench build-paper-judge --clip {params.clip:q} --inception {params.inception:q} --out {params.out:q} "
+        "2> {log:q}"

@@ -1,8 +1,10 @@
-import shlex
-
 # Continual customization runs: train (resumable, one checkpoint per task) -> generate -> evaluate.
 # Checkpoints live next to train.json but are not declared outputs, so Snakemake never deletes them
-# when a job is killed: the rerun resumes at the first task without a checkpoint.
+# when a job is killed: the rerun resumes at the first task without a checkpoint (and retrains a task whose
+# checkpoint fails its recorded sha256). The training log is not declared either: Snakemake would empty it
+# before a rerun, and a resumed job appends to the killed attempt's log instead.
+# Outputs are flagged update(): Snakemake keeps the previous file while the job runs and puts it back when the
+# job fails, so a failed rerun never removes the last good result (the commands write each file atomically).
 RUN_DIR = "{results}/runs/{benchmark}/T{n_tasks}/{method}/seed{seed}"
 
 rule train:
@@ -10,10 +12,9 @@ rule train:
         backbone=backbone_input,
         data=lambda w: f"{data_dir(w.benchmark)}/manifest.csv",
     output:
-        f"{RUN_DIR}/train.json",
-    log:
-        f"{RUN_DIR}/logs/train.log",
+        update(f"{RUN_DIR}/train.json"),
     params:
+        log=lambda w, output: Path(output[0]).parent / "logs" / "train.log",
         backbone=lambda w: t2i_backbone(w),
         data=lambda w: data_dir(w.benchmark),
         settings=method_settings,
@@ -26,11 +27,13 @@ rule train:
     conda:
         CONDA_ENV
     shell:
+        "mkdir -p \"$(dirname {params.log:q})\"; echo \"== $(date -u +%Y-%m-%dT%H:%M:%SZ) train on $(uname -n)\" "
+        ">> {params.log:q}; "
         "continual-bench --threads {threads} train "
-        "--backbone {params.backbone} --data {params.data} --benchmark {wildcards.benchmark} "
-        "--method {wildcards.method} --n-tasks {wildcards.n_tasks} --seed {wildcards.seed} "
-        "--settings {params.settings:q} --ckpt-dir {params.ckpt} --device {params.device} "
-        "--out {output} 2> {log}"
+        "--backbone {params.backbone:q} --data {params.data:q} --benchmark {wildcards.benchmark:q} "
+        "--method {wildcards.method:q} --n-tasks {wildcards.n_tasks:q} --seed {wildcards.seed:q} "
+        "--settings {params.settings:q} --ckpt-dir {params.ckpt:q} --device {params.device:q} "
+        "--out {output:q} 2>> {params.log:q}"
 
 
 rule generate:
@@ -38,7 +41,7 @@ rule generate:
         rules.train.output,
         backbone=backbone_input,
     output:
-        f"{RUN_DIR}/samples.npz",
+        update(f"{RUN_DIR}/samples.npz"),
     log:
         f"{RUN_DIR}/logs/generate.log",
     params:
@@ -58,11 +61,12 @@ rule generate:
         CONDA_ENV
     shell:
         "continual-bench --threads {threads} generate "
-        "--backbone {params.backbone} --data {params.data} --benchmark {wildcards.benchmark} "
-        "--method {wildcards.method} --n-tasks {wildcards.n_tasks} --seed {wildcards.seed} "
-        "--settings {params.settings:q} --ckpt-dir {params.ckpt} --device {params.device} "
-        "--out {output} --n-samples {params.ev[n_samples]} "
-        "--sample-steps {params.ev[sample_steps]} --guidance {params.ev[guidance]} {params.full} {params.text} 2> {log}"
+        "--backbone {params.backbone:q} --data {params.data:q} --benchmark {wildcards.benchmark:q} "
+        "--method {wildcards.method:q} --n-tasks {wildcards.n_tasks:q} --seed {wildcards.seed:q} "
+        "--settings {params.settings:q} --ckpt-dir {params.ckpt:q} --device {params.device:q} "
+        "--out {output:q} --n-samples {params.ev[n_samples]:q} "
+        "--sample-steps {params.ev[sample_steps]:q} --guidance {params.ev[guidance]:q} {params.full} {params.text} "
+        "2> {log:q}"
 
 
 rule evaluate:
@@ -72,9 +76,9 @@ rule evaluate:
         judge=judge_input,
         oracle=oracle_input,
     output:
-        metrics=f"{RUN_DIR}/metrics.csv",
-        R=f"{RUN_DIR}/R.csv",
-        figure=report("{results}/figures/samples/{benchmark}_T{n_tasks}_{method}_seed{seed}.png",
+        metrics=update(f"{RUN_DIR}/metrics.csv"),
+        R=update(f"{RUN_DIR}/R.csv"),
+        figure=report(update("{results}/figures/samples/{benchmark}_T{n_tasks}_{method}_seed{seed}.png"),
                       category="Samples", subcategory="{benchmark}, {n_tasks} tasks",
                       labels={"method": "{method}", "seed": "{seed}"}),
     log:
@@ -82,17 +86,17 @@ rule evaluate:
     params:
         data=lambda w: data_dir(w.benchmark),
         judge=lambda w: judge_dir(w),
-        oracle=lambda w, input: f"--oracle {Path(input.oracle).parent}" if input.oracle else "",
+        oracle=lambda w, input: ["--oracle", str(Path(input.oracle).parent)] if input.oracle else [],
         ev=lambda w: eval_settings(),  # a function: the settings hold "{prompt}" templates, not wildcards
     threads: config["threads_per_run"]
     conda:
         CONDA_ENV
     shell:
-        "continual-bench --threads {threads} evaluate --train-json {input.train} --samples {input.samples} "
-        "--data {params.data} --judge {params.judge} {params.oracle} --benchmark {wildcards.benchmark} "
-        "--method {wildcards.method} --n-tasks {wildcards.n_tasks} --seed {wildcards.seed} "
-        "--eval-settings {params.ev:q} --out-metrics {output.metrics} --out-R {output.R} "
-        "--figure {output.figure} 2> {log}"
+        "continual-bench --threads {threads} evaluate --train-json {input.train:q} --samples {input.samples:q} "
+        "--data {params.data:q} --judge {params.judge:q} {params.oracle:q} --benchmark {wildcards.benchmark:q} "
+        "--method {wildcards.method:q} --n-tasks {wildcards.n_tasks:q} --seed {wildcards.seed:q} "
+        "--eval-settings {params.ev:q} --out-metrics {output.metrics:q} --out-R {output.R:q} "
+        "--figure {output.figure:q} 2> {log:q}"
 
 
 rule noise_floor:
@@ -111,7 +115,7 @@ rule noise_floor:
         backbone=lambda w: t2i_backbone(w),
         data=lambda w: data_dir(w.benchmark),
         judge=lambda w: judge_dir(w),
-        oracle=lambda w, input: f"--oracle {Path(input.oracle).parent}" if input.oracle else "",
+        oracle=lambda w, input: ["--oracle", str(Path(input.oracle).parent)] if input.oracle else [],
         ev=lambda w: eval_settings(),
         device=config["device"],
         concepts=config["noise_floor"]["concepts"],
@@ -122,6 +126,7 @@ rule noise_floor:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench --threads {threads} noise-floor --backbone {params.backbone} --data {params.data} "
-        "--judge {params.judge} {params.oracle} --benchmark {wildcards.benchmark} --eval-settings {params.ev:q} "
-        "--max-concepts {params.concepts} --repeats {params.repeats} --device {params.device} --out {output} 2> {log}"
+        "continual-bench --threads {threads} noise-floor --backbone {params.backbone:q} --data {params.data:q} "
+        "--judge {params.judge:q} {params.oracle:q} --benchmark {wildcards.benchmark:q} --eval-settings {params.ev:q} "
+        "--max-concepts {params.concepts:q} --repeats {params.repeats:q} --device {params.device:q} --out {output:q} "
+        "2> {log:q}"

@@ -8,15 +8,19 @@ import torch
 
 from ...utils import UserError
 from .. import register
+from ..base import setting
 from ..cls_base import ClsMethod, ClsTrainSettings, full_precision
 
 
 @dataclass
 class CLoRASettings(ClsTrainSettings):
-    rank: int = 8  # toy ViT width 64; the paper's classification experiments use rank 64 on ViT-B (768)
-    alpha: float = 0.0  # LoRA alpha; 0 = rank (scaling 1)
-    targets: str = "qkv"  # adapted: "qkv" (timm's fused q/k/v, Q included), "kv" (its K, V rows), "+,proj"
-    lam: float = 1.0e4  # lambda of the self-regularization (toy scale; chosen on a grid, see the docstring)
+    rank: int = setting(8, "LoRA rank (toy ViT width 64; the paper's classification experiments use rank 64 on ViT-B "
+                        "(768))", min=1)
+    alpha: float = setting(0.0, "LoRA alpha; 0 = rank (scaling 1)", min=0)
+    targets: str = setting("qkv", "projections adapted: 'qkv' (timm's fused q/k/v, Q included), 'kv' (its K, V rows), "
+                           "'+,proj' adds the output projection", choices=("qkv", "kv", "qkv,proj", "kv,proj"))
+    lam: float = setting(1.0e4, "lambda of the self-regularization (toy scale; chosen on a grid, see the docstring)",
+                         min=0)
 
 
 TARGETS = ("qkv", "kv", "qkv,proj", "kv,proj")

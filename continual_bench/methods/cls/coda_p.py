@@ -9,8 +9,12 @@ import torch.nn.functional as F
 
 from ...utils import UserError
 from .. import register
+from ..base import setting
 from ..cls_base import ClsTrainSettings, full_precision
 from .prompting import PromptMethod, split_prefix
+
+
+LAYERS_PATTERN = r" *(\d+ *(, *\d+ *)*)?"  # "0,1,2" (a Settings field's pattern; empty = no layer)
 
 
 def parse_layers(text: str, depth: int, where: str) -> list[int]:
@@ -109,10 +113,10 @@ class CodaPromptPool(nn.Module):
 
 @dataclass
 class CodaSettings(ClsTrainSettings):
-    pool: int = 100  # components M (CODA-P ImageNet-R: 100)
-    length: int = 8  # prompt length L (split 4 keys + 4 values)
-    layers: str = "0,1,2,3,4"
-    ortho_mu: float = 0.0  # weight of the orthogonality penalty (CODA-P ImageNet-R config: 0)
+    pool: int = setting(100, "components M (CODA-P ImageNet-R: 100)", min=1)
+    length: int = setting(8, "prompt length L (split half keys, half values: 8 = 4 + 4)", min=2, multiple_of=2)
+    layers: str = setting("0,1,2,3,4", "ViT blocks that get prompts, comma-separated", pattern=LAYERS_PATTERN)
+    ortho_mu: float = setting(0.0, "weight of the orthogonality penalty (CODA-P ImageNet-R config: 0)", min=0)
 
 
 @register("cls", "coda_p")

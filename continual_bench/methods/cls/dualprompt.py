@@ -8,20 +8,22 @@ import torch.nn as nn
 
 from ...utils import UserError
 from .. import register
+from ..base import setting
 from ..cls_base import ClsTrainSettings
-from .coda_p import parse_layers
+from .coda_p import LAYERS_PATTERN, parse_layers
 from .prompting import PromptMethod, cosine_matrix, split_prefix, uniform_prompt
 
 
 @dataclass
 class DualSettings(ClsTrainSettings):
-    e_pool: int = 0  # E-prompt pool size; 0 = the number of tasks (CODA-P's setting)
-    e_length: int = 20
-    e_layers: str = "2,3,4"
-    g_length: int = 6
-    g_layers: str = "0,1"
-    key_weight: float = 1.0  # weight of the key-query matching loss (CODA-P adds it with weight 1)
-    test_keys: str = "seen"  # test-time E-prompt match: "seen" = keys of learned tasks; "pool" = all (CODA-P)
+    e_pool: int = setting(0, "E-prompt pool size; 0 = the number of tasks (CODA-P's setting)", min=0)
+    e_length: int = setting(20, "E-prompt length", min=1)
+    e_layers: str = setting("2,3,4", "ViT blocks with E-prompts, comma-separated", pattern=LAYERS_PATTERN)
+    g_length: int = setting(6, "G-prompt length", min=1)
+    g_layers: str = setting("0,1", "ViT blocks with G-prompts, comma-separated (empty: none)", pattern=LAYERS_PATTERN)
+    key_weight: float = setting(1.0, "weight of the key-query matching loss (CODA-P adds it with weight 1)", min=0)
+    test_keys: str = setting("seen", "test-time E-prompt match: 'seen' = keys of learned tasks; 'pool' = all (CODA-P)",
+                             choices=("seen", "pool"))
 
 
 TEST_KEYS = ("seen", "pool")

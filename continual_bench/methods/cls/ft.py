@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import register
+from ..base import setting
 from ..cls_base import ClsMethod, ClsTrainSettings
 
 
@@ -14,7 +15,7 @@ class FTSettings(ClsTrainSettings):
     # The whole ViT trains, so a fine-tuning learning rate: CODA-P's FT config (configs/cifar-100_ft.yaml)
     # uses 5e-5 for ViT-B with Adam (1/20 of the prompt methods' 1e-3; its repository has no ImageNet-R
     # FT config). The toy default keeps the same 1/20 ratio to the toy prompt learning rate.
-    lr: float = 5e-5
+    lr: float = setting(5e-5, "learning rate of the whole ViT and the head (CODA-P's FT config: 5e-5 for ViT-B)", gt=0)
 
 
 class FullFinetune(ClsMethod):

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from ...utils import UserError
 from .. import register
+from ..base import setting
 from ..cls_base import ClsTrainSettings
 from .l2p_pp import top_k_keys
 from .prompting import PromptMethod
@@ -15,10 +16,14 @@ from .prompting import PromptMethod
 
 @dataclass
 class L2PSettings(ClsTrainSettings):
-    pool: int = 10  # M
-    length: int = 5  # L_p
-    top_k: int = 5  # N
-    pull_weight: float = 0.1  # lambda of the surrogate loss (l2p-pytorch's pull_constraint_coeff)
+    pool: int = setting(10, "prompt pool size M", min=1)
+    length: int = setting(5, "prompt length L_p", min=1)
+    top_k: int = setting(5, "prompts chosen per image N (at most pool)", min=1)
+    pull_weight: float = setting(0.1, "lambda of the surrogate loss (l2p-pytorch's pull_constraint_coeff)", min=0)
+
+    def check(self, where: str) -> None:
+        if self.top_k > self.pool:
+            raise UserError(f"{where}.top_k: {self.top_k} is out of range; allowed: top_k <= pool ({self.pool})")
 
 
 @register("cls", "l2p")

@@ -8,19 +8,26 @@ import torch.nn as nn
 
 from ...utils import UserError
 from .. import register
+from ..base import setting
 from ..cls_base import ClsTrainSettings
-from .coda_p import parse_layers
+from .coda_p import LAYERS_PATTERN, parse_layers
 from .prompting import PromptMethod, cosine_matrix, split_prefix, uniform_prompt
 
 
 @dataclass
 class L2PPPSettings(ClsTrainSettings):
-    pool: int = 30
-    length: int = 20
-    top_k: int = 5
-    layers: str = "0"  # CODA-P's L2P++ is shallow (layer 0); "0,1,2,3,4" gives its "Deep L2P++"
-    key_weight: float = 1.0  # weight of the key-query matching loss (CODA-P adds it with weight 1)
-    key_loss: str = "per_sample"  # "per_sample": each sample's own top-k keys (L2P eq. 5); "coda_p": CODA-P's code
+    pool: int = setting(30, "prompt pool size", min=1)
+    length: int = setting(20, "prompt length (split half keys, half values)", min=2, multiple_of=2)
+    top_k: int = setting(5, "prompts chosen per image (at most pool)", min=1)
+    layers: str = setting("0", "ViT blocks with prompts: CODA-P's L2P++ is shallow (layer 0); '0,1,2,3,4' gives its "
+                          "'Deep L2P++'", pattern=LAYERS_PATTERN)
+    key_weight: float = setting(1.0, "weight of the key-query matching loss (CODA-P adds it with weight 1)", min=0)
+    key_loss: str = setting("per_sample", "'per_sample': each sample's own top-k keys (L2P eq. 5); 'coda_p': CODA-P's "
+                            "code", choices=("per_sample", "coda_p"))
+
+    def check(self, where: str) -> None:
+        if self.top_k > self.pool:
+            raise UserError(f"{where}.top_k: {self.top_k} is out of range; allowed: top_k <= pool ({self.pool})")
 
 
 KEY_LOSSES = ("per_sample", "coda_p")

@@ -8,14 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from .. import register
+from ..base import setting
 from ..cls_base import head_logits, mask_past_logits
 from .ft import FTSettings, FullFinetune
 
 
 @dataclass
 class LwFSettings(FTSettings):
-    temperature: float = 2.0  # T (Li & Hoiem: 2)
-    distill_weight: float = 1.0  # lambda_o (Li & Hoiem: 1)
+    temperature: float = setting(2.0, "distillation temperature T (Li & Hoiem: 2)", gt=0)
+    distill_weight: float = setting(1.0, "lambda_o, weight of the distillation loss (Li & Hoiem: 1)", min=0)
 
 
 def lwf_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:

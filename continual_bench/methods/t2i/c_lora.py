@@ -29,14 +29,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import Task
+from ..base import Task, setting
 from ..registry import register
 from .lora_sequential import LoRASequential, LoRASettings, lora_delta, lora_pairs
 
 
 @dataclass
 class CLoRASettings(LoRASettings):
-    lam: float = 10.0  # toy backbone, chosen on a grid (config/toy_full.yaml); paper profile: 1e8 (C-LoRA paper)
+    lam: float = setting(10.0, "lambda of the self-regularization (toy backbone: chosen on a grid, config/toy_full.yaml; "
+                         "paper profile: 1e8, C-LoRA paper)", min=0)
 
 
 def c_lora_penalty(past_sum: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

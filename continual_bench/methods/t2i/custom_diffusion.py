@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import T2IMethod, Task, TrainSettings
+from ..base import T2IMethod, Task, TrainSettings, setting
 from ..registry import register
 from .lora_sequential import CROSS_ATTN_KV, freeze_all_but_token
 
@@ -43,9 +43,11 @@ from .lora_sequential import CROSS_ATTN_KV, freeze_all_but_token
 class CustomDiffusionSettings(TrainSettings):
     # Toy profile. Paper profile: 5e-6 for all non-LoRA methods (C-LoRA paper, experiment setup); Custom
     # Diffusion's own recipe is 1e-5 x batch x accumulation x GPUs.
-    lr: float = 5e-4  # the K/V weights; measured: toy_faces seed 0, concept 1, 120 steps x 8: oracle 32/32
-    token_lr: float = 2e-2  # the concept token's embedding row (as lora_sequential)
-    detach_first_token: bool = True  # no gradient through the start-of-text token's key/value
+    lr: float = setting(5e-4, "learning rate of the K/V weights (measured: toy_faces seed 0, concept 1, 120 steps x 8: "
+                        "oracle 32/32; paper profile: 5e-6)", gt=0)
+    token_lr: float = setting(2e-2, "learning rate of the concept token's embedding row (as lora_sequential); 0 = frozen",
+                              min=0)
+    detach_first_token: bool = setting(True, "no gradient through the start-of-text token's key/value")
 
 
 def cross_attention_kv(unet) -> dict[str, torch.nn.Module]:

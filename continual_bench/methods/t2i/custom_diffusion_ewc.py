@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import torch
 
 from ...utils import stable_seed
-from ..base import Task
+from ..base import Task, setting
 from ..registry import register
 from .custom_diffusion import CustomDiffusion, CustomDiffusionSettings
 
@@ -61,8 +61,9 @@ from .custom_diffusion import CustomDiffusion, CustomDiffusionSettings
 @dataclass
 class CustomDiffusionEWCSettings(CustomDiffusionSettings):
     # Paper profile: 1e6 (C-LoRA paper, config/paper.yaml). Toy: 1e5 from the grid in the module docstring.
-    ewc_lambda: float = 1.0e5
-    fisher_samples: int = 32  # single-sample gradients per task for the diagonal Fisher
+    ewc_lambda: float = setting(1.0e5, "weight of the EWC penalty (paper profile: 1e6, C-LoRA paper; toy: 1e5 from the "
+                                "grid in the module docstring)", min=0)
+    fisher_samples: int = setting(32, "single-sample gradients per task for the diagonal Fisher", min=1)
 
 
 def ewc_penalty(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],

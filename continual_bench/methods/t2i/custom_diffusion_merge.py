@@ -58,7 +58,7 @@ from dataclasses import dataclass
 import torch
 
 from ...utils import UserError
-from ..base import T2IMethod, Task, TrainSettings
+from ..base import T2IMethod, Task, TrainSettings, setting
 from ..registry import register
 from .lora_sequential import CROSS_ATTN_KV, freeze_all_but_token
 
@@ -67,11 +67,13 @@ from .lora_sequential import CROSS_ATTN_KV, freeze_all_but_token
 class CustomDiffusionMergeSettings(TrainSettings):
     # Toy profile. Paper profile: lr 5e-6 for all non-LoRA methods (C-LoRA paper); Custom Diffusion's own
     # recipe is 1e-5 x batch x accumulation x GPUs. Not tuned for the toy world (same as custom_diffusion).
-    lr: float = 5e-4  # the K/V weights
-    token_lr: float = 2e-2  # the concept token's embedding row (as lora_sequential)
-    detach_first_token: bool = True  # no gradient through the start-of-text token's key/value
-    n_reg_captions: int = 200  # regularization captions (generic-class captions of the dataset)
-    ridge: float = 0.0  # relative ridge on C_reg^T C_reg; 0 = the paper's objective (reference code: none)
+    lr: float = setting(5e-4, "learning rate of the K/V weights (paper profile: 5e-6)", gt=0)
+    token_lr: float = setting(2e-2, "learning rate of the concept token's embedding row (as lora_sequential); 0 = frozen",
+                              min=0)
+    detach_first_token: bool = setting(True, "no gradient through the start-of-text token's key/value")
+    n_reg_captions: int = setting(200, "regularization captions (generic-class captions of the dataset)", min=1)
+    ridge: float = setting(0.0, "relative ridge on C_reg^T C_reg; 0 = the paper's objective (reference code: none)",
+                           min=0)
 
 
 # ------------------------------------------------------------------------------------------- closed form

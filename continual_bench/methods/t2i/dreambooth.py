@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ...utils import UserError, stable_seed
-from ..base import T2IMethod, Task, TrainSettings
+from ..base import T2IMethod, Task, TrainSettings, setting
 from ..registry import register
 from .lora_sequential import freeze_all_but_token
 
@@ -51,13 +51,16 @@ from .lora_sequential import freeze_all_but_token
 @dataclass
 class DreamBoothSettings(TrainSettings):
     # Toy profile. Paper profile: 5e-6 for all non-LoRA methods (C-LoRA paper, experiment setup).
-    lr: float = 2e-4  # all UNet weights; measured: toy_faces seed 0, concept 1, 120 steps x 8: oracle 32/32
-    token_lr: float = 0.0  # 0: the identifier row stays at its (random) init, as DreamBooth's rare token
-    prior_weight: float = 1.0  # lambda of the prior-preservation term; 0 = off (plain fine-tuning)
-    n_class_images: int = 16  # generated at the start of each task (diffusers' example: 100-200 on SD)
-    class_sample_steps: int = 15  # DDIM steps for the class images
-    class_guidance: float = 5.0  # classifier-free guidance for the class images
-    prior_source: str = "base"  # "base": class images from the base model, once; "current": from the model at each task
+    lr: float = setting(2e-4, "learning rate of all UNet weights (measured: toy_faces seed 0, concept 1, 120 steps x 8: "
+                        "oracle 32/32; paper profile: 5e-6)", gt=0)
+    token_lr: float = setting(0.0, "learning rate of the identifier's embedding row; 0: the row stays at its (random) "
+                              "init, as DreamBooth's rare token", min=0)
+    prior_weight: float = setting(1.0, "lambda of the prior-preservation term; 0 = off (plain fine-tuning)", min=0)
+    n_class_images: int = setting(16, "class images generated for the prior (diffusers' example: 100-200 on SD)", min=1)
+    class_sample_steps: int = setting(15, "DDIM steps for the class images", min=1)
+    class_guidance: float = setting(5.0, "classifier-free guidance for the class images", min=0)
+    prior_source: str = setting("base", "'base': class images from the base model, once; 'current': from the model at "
+                                "each task", choices=("base", "current"))
 
 
 PRIOR_SOURCES = ("base", "current")

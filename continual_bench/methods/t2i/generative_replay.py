@@ -30,17 +30,19 @@ from dataclasses import dataclass
 import torch
 
 from ...utils import stable_seed
-from ..base import Task
+from ..base import Task, setting
 from ..registry import register
 from .lora_sequential import LoRASequential, LoRASettings
 
 
 @dataclass
 class GenerativeReplaySettings(LoRASettings):
-    n_replay: int = 16  # generated images per past concept (toy: as many as its real images; paper: unstated)
-    replay_steps: int = 15  # DDIM steps of the replay sampler (toy evaluation's; paper profile: 50)
-    replay_guidance: float = 5.0  # classifier-free guidance of the replay sampler (as evaluation)
-    new_ratio: float = 0.0  # r, weight of the new task's loss; 0 = 1/t (Shin et al.'s equal importance)
+    n_replay: int = setting(16, "generated images per past concept (toy: as many as its real images; paper: unstated)",
+                            min=1)
+    replay_steps: int = setting(15, "DDIM steps of the replay sampler (toy evaluation's; paper profile: 50)", min=1)
+    replay_guidance: float = setting(5.0, "classifier-free guidance of the replay sampler (as evaluation)", min=0)
+    new_ratio: float = setting(0.0, "r, weight of the new task's loss; 0 = 1/t (Shin et al.'s equal importance)",
+                               min=0, max=1)
 
 
 def mix_losses(per_sample: torch.Tensor, is_replay: torch.Tensor, r: float) -> torch.Tensor:

@@ -75,25 +75,27 @@ import torch
 import torch.nn.functional as F
 
 from ...utils import UserError, stable_seed
-from ..base import Task
+from ..base import Task, setting
 from ..registry import register
 from .lora_sequential import LoRASequential, LoRASettings
 
 
 @dataclass
 class LFSSettings(LoRASettings):
-    kd_weight: float = 1.0  # weight of L_KD (paper profile: not known here)
-    kd_timesteps: int = 25  # DDPM steps of the teacher trajectory (paper: 25)
-    kd_n_traj: int = 4  # teacher trajectories per distillation prompt, cached at begin_task
-    kd_batch: int = 4  # cached (z*_t, t, prompt) samples per training step (one extra student forward)
-    kd_guidance: float = 5.0  # classifier-free guidance of the teacher trajectory (as evaluation sampling)
-    kd_relevant: bool = True  # distil on the relevant concept's prompt ("a photo of a person")
-    kd_previous: bool = False  # also distil on every previous concept's prompt (the *_kd_previous readings)
-    icgen: bool = True  # In-Context Generation at inference
-    icgen_context: str = "image"  # Z_0 from the session's training images ("image") or sampled by the model ("model")
-    icgen_strength: float = 0.8  # SDEdit strength s from the stored context (1 = plain generation)
-    icgen_n_context: int = 4  # context latents stored per session
-    icgen_steps: int = 15  # DDIM steps to sample the contexts (toy evaluation's)
+    kd_weight: float = setting(1.0, "weight of L_KD (paper profile: not known here)", min=0)
+    kd_timesteps: int = setting(25, "DDPM steps of the teacher trajectory (paper: 25)", min=1)
+    kd_n_traj: int = setting(4, "teacher trajectories per distillation prompt, cached at begin_task", min=1)
+    kd_batch: int = setting(4, "cached (z*_t, t, prompt) samples per training step (one extra student forward)", min=1)
+    kd_guidance: float = setting(5.0, "classifier-free guidance of the teacher trajectory (as evaluation sampling)",
+                                 min=0)
+    kd_relevant: bool = setting(True, "distil on the relevant concept's prompt ('a photo of a person')")
+    kd_previous: bool = setting(False, "also distil on every previous concept's prompt (the *_kd_previous readings)")
+    icgen: bool = setting(True, "In-Context Generation at inference")
+    icgen_context: str = setting("image", "Z_0 from the session's training images ('image') or sampled by the model "
+                                 "('model')", choices=("image", "model"))
+    icgen_strength: float = setting(0.8, "SDEdit strength s from the stored context (1 = plain generation)", gt=0, max=1)
+    icgen_n_context: int = setting(4, "context latents stored per session", min=1)
+    icgen_steps: int = setting(15, "DDIM steps to sample the contexts (toy evaluation's)", min=1)
 
 
 # ------------------------------------------------------------------------------------------- sampling helpers
@@ -294,7 +296,8 @@ _PAPER = "Song et al., Towards Lifelong Few-Shot Customization of Text-to-Image 
 def _reading(name: str, what: str, **defaults) -> type:
     """Register one reading of LFS-Diffusion: the same class with other Settings defaults (the module docstring's
     table). A subclass per name, so ``continual-bench methods`` lists each with its own settings."""
-    fields = [(k, type(v), dataclasses.field(default=v)) for k, v in defaults.items()]
+    base = {f.name: f for f in dataclasses.fields(LFSSettings)}
+    fields = [(k, type(v), dataclasses.field(default=v, metadata=base[k].metadata)) for k, v in defaults.items()]
     settings = dataclasses.make_dataclass(f"Settings_{name}", fields, bases=(LFSSettings,))
     doc = (f"LFS-Diffusion, reading {what} (Song et al.; see lfs_diffusion's docstring).\n\n"
            "L = L_diff + kd_weight * ||f_theta(z*_t, t, c_p) - f*(z*_t, t, c_p)||^2 over the teacher's trajectory.")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import T2IMethod, Task, TrainSettings
+from ..base import T2IMethod, Task, TrainSettings, setting
 from ..registry import register
 
 CROSS_ATTN_KV = ["attn2.to_k", "attn2.to_v"]  # suffix match: cross-attention only, not self-attention
@@ -29,10 +29,11 @@ CROSS_ATTN_KV = ["attn2.to_k", "attn2.to_v"]  # suffix match: cross-attention on
 
 @dataclass
 class LoRASettings(TrainSettings):
-    rank: int = 4  # paper profile: 16 (C-LoRA sec. 4)
-    alpha: float = 4.0  # scaling alpha / rank
-    lr: float = 5e-3  # paper profile: 5e-4
-    token_lr: float = 2e-2  # the concept token's embedding row
+    rank: int = setting(4, "LoRA rank of the cross-attention K/V adapters (paper profile: 16, C-LoRA sec. 4)", min=1)
+    alpha: float = setting(4.0, "LoRA alpha: the update is scaled by alpha / rank", gt=0)
+    lr: float = setting(5e-3, "learning rate of the LoRA weights (paper profile: 5e-4)", gt=0)
+    token_lr: float = setting(2e-2, "learning rate of the concept token's embedding row; 0 = the row stays at its init",
+                              min=0)
 
 
 def lora_config(rank: int, alpha: float):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import T2IMethod, Task, TrainSettings
+from ..base import T2IMethod, Task, TrainSettings, setting
 from ..registry import register
 from .lora_sequential import freeze_all_but_token
 
@@ -40,8 +40,9 @@ class TextualInversionSettings(TrainSettings):
     # Paper profile: the authors' configuration uses a base lr of 5e-3 scaled by batch size x GPUs
     # (unverified here: not read in the paper). C-LoRA's "5e-6 for all non-LoRA methods" is meant for
     # weight fine-tuning; at that rate a single embedding row would barely move.
-    lr: float = 5e-2  # measured: toy_faces seed 0, concept 1, 120 steps x 8: oracle 32/32 on its samples
-    init_from_class_word: bool = False  # True: start at the class word's embedding (the paper), else random
+    lr: float = setting(5e-2, "learning rate of the concept token's embedding row (measured: toy_faces seed 0, "
+                        "concept 1, 120 steps x 8: oracle 32/32 on its samples)", gt=0)
+    init_from_class_word: bool = setting(False, "True: start at the class word's embedding (the paper), else random")
 
 
 @register("t2i", "textual_inversion")
