@@ -33,7 +33,7 @@ lowest F_oracle among values with P_oracle >= 0.8 x lora_sequential's 0.89 on to
 >= 0.715; results/toy_ewc_grid_lam*/, 2026-12-01):
 
     lambda   P_oracle  A_oracle  F_oracle  F_clip
-    0        see results/toy_ewc_grid_lam0.0 (= custom_diffusion)
+    0        0.88      0.45      0.53      0.29     (no penalty: custom_diffusion's training)
     1e3      0.88      0.52      0.45      0.23
     1e4      0.86      0.74      0.15      0.04
     3e4      0.84      0.81      0.04      0.013
