@@ -30,7 +30,6 @@ import pytest
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parent.parent
-CI_CONFIG = REPO / "config" / "ci.yaml"
 TOOL = REPO / "tools" / "slurm-local.sh"
 FAIL_ONCE = REPO / "tests" / "fixtures" / "fail_once"
 FAILING_RULE = "train"  # its CLI subcommand has the same name
@@ -55,13 +54,13 @@ def _cluster_status_command() -> str:
 
 
 def _snakemake_cmd(workdir: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-            "--configfile", str(CI_CONFIG), *args]
+    """`snakemake --directory <workdir> --configfile config/ci.yaml ...`, run in the repository (cwd=REPO)."""
+    return [sys.executable, "-m", "snakemake", "--directory", str(workdir), "--configfile", "config/ci.yaml", *args]
 
 
 def cluster_args(status_command: str) -> list[str]:
-    """What a user types on the test cluster (README "SLURM"), past `snakemake --configfile config/ci.yaml`."""
-    return ["--profile", str(REPO / "profiles" / "slurm"), "--workflow-profile", str(REPO / "profiles" / "slurm-local"),
+    """What a user types on the test cluster (README "SLURM"), past `snakemake --directory ... --configfile ...`."""
+    return ["--profile", "profiles/slurm", "--workflow-profile", "profiles/slurm-local",
             "--slurm-status-command", status_command]
 
 
@@ -89,7 +88,7 @@ def runs(tmp_path_factory):
     local.mkdir()
     cluster.mkdir()
     plan = subprocess.run(_snakemake_cmd(cluster, "-n", "--cores", "1", "--quiet", "rules"), capture_output=True,
-                          text=True, timeout=300, env=_env(), cwd=cluster)
+                          text=True, timeout=300, env=_env(), cwd=REPO)
     assert plan.returncode == 0, plan.stderr[-3000:]
     planned = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", plan.stdout + plan.stderr, re.M)
                if m.group(1) != "total"}
@@ -97,7 +96,7 @@ def runs(tmp_path_factory):
     # the local reference runs beside the cluster run (which spends most of its time waiting for status polls)
     local_log = open(base / "local.stderr", "w")
     local_proc = subprocess.Popen(_snakemake_cmd(local, "--cores", "2"), stdout=subprocess.DEVNULL, stderr=local_log,
-                                  env=_env(), cwd=local)
+                                  env=_env(), cwd=REPO)
     try:
         marker = base / f"{FAILING_RULE}.failed-once"
         pythonpath = os.pathsep.join(p for p in (str(FAIL_ONCE), os.environ.get("PYTHONPATH")) if p)
@@ -105,12 +104,12 @@ def runs(tmp_path_factory):
         cmd = _snakemake_cmd(cluster, *cluster_args(status_command))
         jobs_before = _slurm_jobs()
         t0 = time.monotonic()
-        first = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=inject, cwd=cluster)
+        first = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=inject, cwd=REPO)
         wall = time.monotonic() - t0
         assert first.returncode == 0, _failed(first, "the SLURM run", cluster)
         jobs_after = _slurm_jobs()
         t1 = time.monotonic()
-        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=inject, cwd=cluster)
+        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=inject, cwd=REPO)
         rerun_wall = time.monotonic() - t1
         jobs_after_rerun = _slurm_jobs()
         assert local_proc.wait(timeout=1200) == 0, (base / "local.stderr").read_text()[-6000:]
