@@ -120,10 +120,11 @@ def runs(tmp_path_factory):
     submitted = [(int(a), b, Path(c)) for a, b, c in SUBMITTED.findall(first.stdout + first.stderr)]
     new_jobs = {j: s for j, s in jobs_after.items() if j not in jobs_before}
     summary = {"status_command": status_command, "wall_s": round(wall, 1), "rerun_wall_s": round(rerun_wall, 1),
-               "sbatch_submissions": len(submitted), "slurm_jobs": dict(sorted(new_jobs.items(), key=lambda kv: int(kv[0])))}
+               "sbatch_submissions": len(submitted),
+               "slurm_jobs": dict(sorted(new_jobs.items(), key=lambda kv: int(kv[0])))}
     (base / "summary.json").write_text(json.dumps(summary, indent=1))
-    return {"summary": summary, "base": base, "local": local, "cluster": cluster, "first": first, "rerun": rerun, "planned": planned,
-            "submitted": submitted, "new_jobs": new_jobs, "jobs_after": jobs_after,
+    return {"summary": summary, "base": base, "local": local, "cluster": cluster, "first": first, "rerun": rerun,
+            "planned": planned, "submitted": submitted, "new_jobs": new_jobs, "jobs_after": jobs_after,
             "jobs_after_rerun": jobs_after_rerun, "marker": marker}
 
 
