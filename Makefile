@@ -13,7 +13,7 @@ export PIP_CACHE_DIR  := $(CURDIR)/.cache/pip
 export HF_HUB_OFFLINE := 1
 export PATH           := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: env demo test lint dry-run lock envs clean-results
+.PHONY: env demo test test-slurm lint dry-run lock envs clean-results
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: env
 
 test: env
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# not part of `make test`: the tiny DAG through profiles/slurm on a live cluster (start one: sudo tools/slurm-local.sh)
+test-slurm: env
+	CONTINUAL_BENCH_SLURM=1 $(PY) -m pytest -q -m slurm tests/test_slurm_live.py
 
 dry-run: env
 	snakemake -n --cores $(CORES)

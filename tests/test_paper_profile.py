@@ -461,10 +461,12 @@ def test_paper_dag_on_slurm_sets_gpu_resources(tmp_path):
     res = snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles" / "slurm"))
     out = res.stdout + res.stderr
     jobs = re.split(r"\n(?=(?:local)?rule \w+:)", out)
-    for rule in ("train", "generate", "train_cls"):
+    # every rule that declares gpu=1 (noise_floor too: the base model's samples) gets the GPU partition
+    for rule, n in (("train", EXPECTED_JOBS["train"]), ("generate", EXPECTED_JOBS["generate"]),
+                    ("train_cls", EXPECTED_JOBS["train_cls"]), ("noise_floor", 2)):
         blocks = [b for b in jobs if re.match(rf"(?:local)?rule {rule}:", b)]
-        assert len(blocks) == EXPECTED_JOBS[rule]
-        assert all(re.search(r"resources: .*\bgpu=1\b", b) and "slurm_partition=" in b and "runtime=" in b
+        assert len(blocks) == n, rule
+        assert all(re.search(r"resources: .*\bgpu=1\b", b) and "slurm_partition=gpu" in b and "runtime=" in b
                    for b in blocks), blocks[0]
     assert not any(re.search(r"\bgpu=1\b", b) for b in jobs if re.match(r"(?:local)?rule (fetch_\w+|prepare_\w+):", b))
 
