@@ -197,6 +197,17 @@ def cmd_train_cls(a):
                       out_acc=a.out_acc, out_R=a.out_R, full=not spec.method_cls.joint)
 
 
+def cmd_compare(a) -> int:
+    from .reporting.compare import compare_runs, format_comparison
+    from .utils import atomic_write_text
+
+    df = compare_runs(a.run_dir, a.ref_dir)
+    print(format_comparison(df))
+    if a.out:
+        atomic_write_text(a.out, df.to_csv(index=False, float_format="%.6g"))
+    return 1 if df.verdict.isin(["differs", "missing"]).any() else 0
+
+
 def cmd_tables(a):
     from .reporting.report import build_report
 
@@ -515,6 +526,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-floor", nargs="*", default=None,
                    help="per-benchmark noise-floor files (default: run_dir/noise_floor/*.csv)")
     p.set_defaults(func=cmd_tables)
+
+    p = sub.add_parser("compare", help="did RUN_DIR reproduce REF_DIR? every cell of both summary.csv files: the "
+                                       "difference in seed stds and noise floors, and a verdict; exit 1 if any differs")
+    p.add_argument("run_dir", help="the result folder to check (e.g. a fresh clone's results/toy)")
+    p.add_argument("ref_dir", help="the reference result folder (e.g. the committed results/toy)")
+    p.add_argument("--out", default=None, help="also write every cell as CSV here (default: print only)")
+    p.set_defaults(func=cmd_compare)
     return ap
 
 
@@ -530,14 +548,14 @@ def main(argv=None) -> int:
 
         acquire_gpu_slot()
     try:
-        args.func(args)
+        rc = args.func(args)
     except UserError as e:
         print(f"continual-bench: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
         print(f"continual-bench: error: {e}", file=sys.stderr)
         return 3
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

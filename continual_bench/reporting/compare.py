@@ -1,0 +1,91 @@
+"""Did a rerun reproduce a result folder? Every cell of two ``summary.csv`` files, side by side.
+
+A cell is (track, benchmark, n_tasks, method, metric) with its mean and sample std over ``n`` seeds. For a cell in
+both folders, with ``d = mean_run - mean_ref``:
+
+* ``d / sd_ref``: the difference in units of the reference's seed std (how many "seeds" apart);
+* ``d / floor``: in units of the metric's noise floor for that column (``evaluation/noise_floor.py``, from the
+  folders' ``noise_floor.csv``; text-to-image metrics only);
+* the verdict: ``identical`` when the means are equal (to 1e-9 relative), ``within noise`` when
+  ``|d| <= 2 * sqrt(sd_run^2 / n_run + sd_ref^2 / n_ref)`` (two standard errors of the difference of two seed means)
+  or ``|d|`` is inside the column's floor, else ``differs``; a cell in only one folder is ``missing``. Parameter
+  counts (``N_*``) are deterministic: they are identical or they differ.
+
+``compare`` exits with status 1 when any cell differs or is missing, so a script can rely on it.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from ..evaluation.noise_floor import floor_of_column, load_noise_floor
+from ..utils import UserError
+
+KEYS = ["track", "benchmark", "n_tasks", "method", "metric"]
+VERDICTS = ("identical", "within noise", "differs", "missing")
+
+
+def _summary(run_dir: Path) -> pd.DataFrame:
+    path = Path(run_dir) / "summary.csv"
+    try:
+        df = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as e:
+        raise UserError(f"{path}: unreadable summary ({e}); run `continual-bench tables {run_dir}` first") from None
+    missing = [c for c in KEYS + ["mean", "std", "n_seeds"] if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: lacks column(s) {missing}")
+    return df
+
+
+def _verdict(metric: str, d: float, se: float, floor: float | None, ref_mean: float) -> str:
+    if math.isclose(d, 0.0, abs_tol=1e-9 * max(1.0, abs(ref_mean))):
+        return "identical"
+    if metric.startswith("N_"):
+        return "differs"
+    if (math.isfinite(se) and abs(d) <= 2 * se) or (floor is not None and abs(d) <= floor):
+        return "within noise"
+    return "differs"
+
+
+def compare_runs(run_dir: str | Path, ref_dir: str | Path) -> pd.DataFrame:
+    """One row per cell: both means and stds, ``d``, ``d_over_sd`` (reference seed std), ``d_over_floor``, verdict."""
+    run, ref = _summary(Path(run_dir)), _summary(Path(ref_dir))
+    floor = load_noise_floor(sorted(Path(ref_dir).glob("noise_floor.csv")) or sorted(Path(run_dir).glob("noise_floor.csv")))
+    both = run.merge(ref, on=KEYS, how="outer", suffixes=("_run", "_ref"), indicator="side")
+    rows = []
+    for r in both.itertuples(index=False):
+        cell = {k: getattr(r, k) for k in KEYS}
+        if r.side != "both":
+            rows.append({**cell, "verdict": "missing", "where": "only in run" if r.side == "left_only"
+                         else "only in reference"})
+            continue
+        d = float(r.mean_run) - float(r.mean_ref)
+        n_run, n_ref = max(int(r.n_seeds_run), 1), max(int(r.n_seeds_ref), 1)
+        sd_run = float(r.std_run) if math.isfinite(float(r.std_run)) else 0.0
+        sd_ref = float(r.std_ref) if math.isfinite(float(r.std_ref)) else 0.0
+        se = math.sqrt(sd_run ** 2 / n_run + sd_ref ** 2 / n_ref)
+        fl = floor_of_column(floor, r.benchmark, r.metric, int(r.n_tasks), min(n_run, n_ref))
+        rows.append({**cell, "mean_run": float(r.mean_run), "mean_ref": float(r.mean_ref), "std_ref": sd_ref, "d": d,
+                     "d_over_sd": d / sd_ref if sd_ref > 0 else (0.0 if d == 0 else math.inf),
+                     "d_over_floor": d / fl if fl else math.nan,
+                     "verdict": _verdict(r.metric, d, se, fl, float(r.mean_ref)), "where": "both"})
+    out = pd.DataFrame(rows)
+    return out.sort_values(KEYS, kind="stable").reset_index(drop=True)
+
+
+def format_comparison(df: pd.DataFrame) -> str:
+    """A short report: counts per verdict, then every cell that is not identical."""
+    counts = df["verdict"].value_counts()
+    head = ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS)
+    lines = [f"{len(df)} cells: {head}"]
+    for r in df[df.verdict != "identical"].itertuples(index=False):
+        where = f"{r.track}/{r.benchmark}/T{r.n_tasks}/{r.method}/{r.metric}"
+        if r.verdict == "missing":
+            lines.append(f"  missing       {where} ({r.where})")
+            continue
+        fl = "" if not math.isfinite(r.d_over_floor) else f", {r.d_over_floor:+.2f} floors"
+        lines.append(f"  {r.verdict:13s} {where}: {r.mean_run:.6g} vs {r.mean_ref:.6g} "
+                     f"(d {r.d:+.4g} = {r.d_over_sd:+.2f} seed sd{fl})")
+    return "\n".join(lines)

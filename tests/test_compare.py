@@ -1,0 +1,42 @@
+"""continual-bench compare: identical / within noise / differs / missing on two hand-made result folders."""
+import pandas as pd
+
+from continual_bench.cli import main
+from continual_bench.reporting.compare import compare_runs
+
+
+def _folder(path, cells, floor=None):
+    path.mkdir()
+    rows = [dict(track="t2i", benchmark="toy_faces", n_tasks=5, method=m, metric=k, mean=mean, std=std, n_seeds=3)
+            for (m, k), (mean, std) in cells.items()]
+    pd.DataFrame(rows).to_csv(path / "summary.csv", index=False)
+    if floor is not None:
+        pd.DataFrame([dict(benchmark="toy_faces", metric="mmd", source="sampling_diff", mean=0.0, std=floor, n=20,
+                           set_size=32)]).to_csv(path / "noise_floor.csv", index=False)
+    return path
+
+
+REF = {("lora", "P_oracle"): (0.80, 0.05), ("lora", "F_oracle"): (0.70, 0.03), ("lora", "F_mmd"): (8000.0, 10.0),
+       ("lora", "N_store"): (46400.0, 0.0), ("lora", "A_clip"): (0.50, 0.02)}
+
+
+def test_compare_verdicts_and_exit_status(tmp_path, capsys):
+    ref = _folder(tmp_path / "ref", REF, floor=300.0)
+    same = _folder(tmp_path / "same", REF)
+    assert main(["compare", str(same), str(ref)]) == 0
+    assert "5 cells: 5 identical" in capsys.readouterr().out
+
+    run = dict(REF)
+    run["lora", "P_oracle"] = (0.82, 0.05)   # 0.02 < 2 * sqrt(2 * 0.05^2 / 3) = 0.082: within the seeds' noise
+    run["lora", "F_mmd"] = (8150.0, 10.0)    # 150 >> 2 se (16) but inside the floor 2 sqrt(2) 300 / sqrt(4 * 3) = 245
+    run["lora", "A_clip"] = (0.60, 0.02)     # 0.1 = 5 seed stds: differs
+    del run["lora", "N_store"]               # missing in the run
+    df = compare_runs(_folder(tmp_path / "run", run), ref).set_index("metric")
+    assert df.at["P_oracle", "verdict"] == "within noise" and df.at["F_mmd", "verdict"] == "within noise"
+    assert df.at["A_clip", "verdict"] == "differs" and abs(df.at["A_clip", "d_over_sd"] - 5.0) < 1e-9
+    assert abs(df.at["F_mmd", "d_over_floor"] - 150 / (2 * 2 ** 0.5 * 300 / 12 ** 0.5)) < 1e-9
+    assert df.at["N_store", "verdict"] == "missing" and df.at["F_oracle", "verdict"] == "identical"
+    assert main(["compare", str(tmp_path / "run"), str(ref), "--out", str(tmp_path / "c.csv")]) == 1
+    out = capsys.readouterr().out
+    assert "differs       t2i/toy_faces/T5/lora/A_clip" in out and "missing" in out
+    assert len(pd.read_csv(tmp_path / "c.csv")) == 5
