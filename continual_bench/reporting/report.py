@@ -93,10 +93,11 @@ def build_report(run_dir: str | Path, metric_paths: list[str | Path] | None = No
         floor.sort_values(["benchmark", "metric", "source"]).to_csv(buf, index=False, float_format="%.6g")
         atomic_write_text(run_dir / "noise_floor.csv", buf.getvalue())
         written.append(run_dir / "noise_floor.csv")
-    written += write_tables(summary, run_dir / "tables", per_seed_df=load_metrics(paths),
+    per_seed = load_metrics(paths)  # read once: the tables' Welch test and the trade-off figures
+    written += write_tables(summary, run_dir / "tables", per_seed_df=per_seed,
                             reference_df=load_reference(reference_dir), noise_floor=floor)
     figures = run_dir / "figures" / "summary"
-    written += _tradeoffs(load_metrics(paths), floor, figures)
+    written += _tradeoffs(per_seed, floor, figures)
     r_paths = [p.parent / "R.csv" for p in paths if (p.parent / "R.csv").is_file()]
     if r_paths:
         from ..run_files import read_csv
