@@ -82,4 +82,6 @@ rule train_cls:
         "--method {wildcards.method:q} --n-tasks {wildcards.n_tasks:q} --seed {wildcards.seed:q} "
         "--settings {params.settings:q} --ckpt-dir {params.ckpt:q} --device {params.device:q} {params.extra} "
         "--out-train {output.train:q} --out-metrics {output.metrics:q} --out-acc {output.acc:q} --out-R {output.R:q} "
-        "2>> {params.log:q}"
+        "2>> {params.log:q} "
+        # the log is not a declared output, so --show-failed-logs cannot print it: a failure prints its tail instead
+        "|| {{ rc=$?; echo last lines of {params.log:q} >&2; tail -n 20 {params.log:q} >&2; exit $rc; }}"

@@ -33,7 +33,9 @@ rule train:
         "--backbone {params.backbone:q} --data {params.data:q} --benchmark {wildcards.benchmark:q} "
         "--method {wildcards.method:q} --n-tasks {wildcards.n_tasks:q} --seed {wildcards.seed:q} "
         "--settings {params.settings:q} --ckpt-dir {params.ckpt:q} --device {params.device:q} "
-        "--out {output:q} 2>> {params.log:q}"
+        "--out {output:q} 2>> {params.log:q} "
+        # the log is not a declared output, so --show-failed-logs cannot print it: a failure prints its tail instead
+        "|| {{ rc=$?; echo last lines of {params.log:q} >&2; tail -n 20 {params.log:q} >&2; exit $rc; }}"
 
 
 rule generate:
