@@ -2,11 +2,12 @@
 
 User commands (``methods``, ``tables``, ``compare`` ...) and the workflow's steps, which the Snakemake rules
 (``workflow/rules/*.smk``) run one per job (``train``, ``generate``, ``evaluate``, the toy world's and the paper
-profile's preparation). Every command is a ``cmd_*`` function registered right above it with :func:`command`: its
-name, its group in ``--help``, its help line and its options. An option a rule fills from the configuration names
-that key (``config="toy.vae_steps"``) and defaults to the default run's value of it
-(:mod:`continual_bench.config_defaults`), so a command run by hand does what the default run's job does.
-The functions take the parsed options and call into the package (importing it only then: ``--help`` stays fast).
+profile's preparation). Every command is a ``cmd_*`` function registered where it is defined, by the
+:func:`command` decorator above it: its name, its group in ``--help``, its help line and its options. An option
+a rule fills from the configuration names that key (``config="toy.vae_steps"``) and defaults to the default run's
+value of it (:mod:`continual_bench.config_defaults`), so a command run by hand without it does what the default
+run's job does. The functions take the parsed options and call into the package (importing it only then: ``--help``
+stays fast).
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ class Option:
 
 
 def opt(*flags: str, config: str | None = None, **kwargs) -> Option:
-    """An option; with ``config`` (a dotted key) its default is the default run's value of that key."""
+    """An option (``add_argument``'s arguments); with ``config`` (a dotted key) its default is the default run's value
+    of that key, whatever ``default`` says."""
     return Option(flags, kwargs, config)
 
 
@@ -93,7 +95,7 @@ def _out(help: str) -> Option:
 DATA = opt("--data", required=True, help="prepared dataset folder (manifest.csv)")
 DATA_DIRS = opt("--data", nargs="+", required=True, help="prepared dataset folders (manifest.csv), one or more")
 SEED0 = opt("--seed", type=int, default=0, help="random seed")
-DEVICE = opt("--device", config="device", choices=["auto", "cpu", "cuda"], help="where to run (auto: cuda if available)")
+DEVICE = opt("--device", config="device", help="torch device: auto (cuda if available), cpu, cuda, cuda:N")
 SETTINGS = opt("--settings", default="{}", help="method settings as a JSON object (config method_settings.<method>)")
 RUN_ID = (opt("--benchmark", required=True, help="benchmark name (data/toy/<name> or data/paper/<name>)"),
           opt("--method", required=True, help="registered method name (continual-bench methods)"),
