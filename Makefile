@@ -46,5 +46,5 @@ lock: env
 clean-results:
 	rm -rf results/$(RUN)/runs
 
-envs:
-	python3 tools/sync_envs.py
+envs: env  # the rules' env follows the installed packages' dependency metadata
+	$(PY) tools/sync_envs.py

@@ -3,8 +3,8 @@ but never says *which* GPU a job gets, and never sets ``CUDA_VISIBLE_DEVICES``.
 
 The workflow (``workflow/rules/common.smk``) exports ``CONTINUAL_BENCH_GPU_SLOTS=N`` to every job of a
 local run with N GPU slots (``--resources gpu=N``, or the machine's GPU count). A command that uses the GPU
-(train, generate, train-cls) calls :func:`acquire_gpu_slot` before CUDA is initialised: it takes the first
-free slot by an exclusive ``flock`` on ``<locks>/gpu<i>.lock`` (a folder of this machine's temporary
+(train, generate, noise-floor, train-cls: ``gpu=True`` in cli.py) calls :func:`acquire_gpu_slot` before CUDA is
+initialised: it takes the first free slot by an exclusive ``flock`` on ``<locks>/gpu<i>.lock`` (a folder of this machine's temporary
 directory unless ``CONTINUAL_BENCH_GPU_LOCKS`` names another; held until the process exits, released by the
 kernel even when the job is killed) and sets ``CUDA_VISIBLE_DEVICES`` to that GPU. With Snakemake's limit
 equal to the number of slots a slot is always free; otherwise the command waits for one. When the job

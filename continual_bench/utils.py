@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, stable seeds, thread limits, provenance, logging."""
+"""Small shared helpers: atomic writes, stable seeds, thread limits, provenance, progress bars, logging."""
 from __future__ import annotations
 
 import hashlib
@@ -118,6 +118,16 @@ def provenance(cfg) -> dict:
 
     return {"config_hash": config_hash(cfg), "git_commit": git_commit(), "continual_bench": __version__,
             "python": sys.version.split()[0], "packages": package_versions()}
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar on stderr (a job's log), redrawn at most every 5 s; ``CONTINUAL_BENCH_NO_TQDM=1`` hides it
+    (the tests set it). Keyword arguments go to tqdm (``total``, ``desc``, ``unit``, ...)."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("mininterval", 5)
+    kwargs.setdefault("disable", os.environ.get("CONTINUAL_BENCH_NO_TQDM") == "1")
+    return tqdm(iterable, **kwargs)
 
 
 def setup_logging(log_file: str | Path | None = None) -> None:

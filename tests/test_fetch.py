@@ -273,6 +273,43 @@ def test_download_many_skips_verified_files_and_reports_failures(server, tmp_pat
     assert set(res.ok) == {"w1/a.png"} and len(server.requests) == n  # resumed: no request at all
 
 
+def test_download_shows_a_byte_bar_and_logs_each_verified_file(server, tmp_path, monkeypatch, caplog, capsys):
+    """A resumed transfer's bar counts every byte of the file (it resumes where the part stopped) and ends at 100%;
+    a log line says the file arrived and what it was checked against; CONTINUAL_BENCH_NO_TQDM=1 hides the bar."""
+    monkeypatch.delenv("CONTINUAL_BENCH_NO_TQDM", raising=False)
+    caplog.set_level("INFO", logger="continual_bench")
+    data = payload()
+    url = server.serve("/progress.bin", data, drop_after=100_000, drop_times=1)
+    dest = tmp_path / "progress.bin"
+    download(url, dest, sha256=sha(data), size=len(data), retries=1, **FAST)
+    err = capsys.readouterr().err
+    assert "download progress.bin: 100%" in err and "293k/293k" in err  # 300,000 bytes in KiB
+    assert f"downloaded {dest}: {len(data)} bytes, size and sha256 ok" in caplog.messages
+    download(url, dest, sha256=sha(data), **FAST)
+    assert f"{dest}: already here, sha256 ok" in caplog.messages
+    monkeypatch.setenv("CONTINUAL_BENCH_NO_TQDM", "1")
+    download(server.serve("/quiet.bin", data), tmp_path / "quiet.bin", sha256=sha(data), **FAST)
+    assert "quiet.bin" not in capsys.readouterr().err
+
+
+def test_download_many_counts_every_file_in_one_bar_and_logs_no_line_per_file(server, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(fetch, "_RATE_LIMITER", RateLimiter())
+    caplog.set_level("INFO", logger="continual_bench")
+
+    class Bar:  # a crawl's shared bar: counts what it is told
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    bar = Bar()
+    urls = {"a.png": server.serve("/a.png", png_bytes()), "b.png": server.url("/gone.png")}
+    res = download_many(urls, tmp_path, ChecksumLock(tmp_path / "lock.json"), min_interval=0, retries=0, bar=bar,
+                        **FAST)
+    assert set(res.ok) == {"a.png"} and bar.n == 2  # failures count too
+    assert not [m for m in caplog.messages if m.startswith("downloaded ")]
+
+
 # ------------------------------------------------------------------------------------------ archives
 def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
     with tarfile.open(path, "w:gz" if path.name.endswith("gz") else "w") as tf:

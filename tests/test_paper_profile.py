@@ -255,7 +255,7 @@ def _layout(root: Path) -> dict:
             "splits": set(df.split)}
 
 
-def test_fetch_and_prepare_fakes_give_the_toy_layout(fakes, tmp_path, tiny_world):
+def test_fetch_and_prepare_fakes_give_the_toy_layout(fakes, tmp_path, tiny_world, caplog):
     from continual_bench.data.celeba_hq import prepare_celeba_hq
     from continual_bench.data.datasets import PreparedDataset
     from continual_bench.data.gldv2 import fetch_waterfall_images, prepare_gldv2_waterfalls, select_waterfalls
@@ -282,15 +282,21 @@ def test_fetch_and_prepare_fakes_give_the_toy_layout(fakes, tmp_path, tiny_world
     assert world["concepts"]["celeb_00012"]["identity"] == 12 and world["selection"]["params"]["min_images"] == 3
 
     # GLDv2: metadata, the documented selection, only the selected images, politely and locked
+    caplog.set_level("INFO", logger="continual_bench")
     fetch_dataset(man / "gldv2_waterfalls.yaml", raw / "gldv2", base_url=fakes["base_url"])
     candidates = select_waterfalls(raw / "gldv2", raw / "gldv2" / "selection.csv", manifest=man / "gldv2_waterfalls.yaml")
     assert sorted(candidates) == [1, 3, 4, 6]  # waterfall / whole-word Falls; not Eiffel_Tower, not Fallsburg
     stats = fetch_waterfall_images(raw / "gldv2", raw / "gldv2" / "selection.csv", raw / "gldv2" / "fetched.csv",
                                    manifest=man / "gldv2_waterfalls.yaml", base_url=fakes["base_url"], backoff=0.0)
     assert stats["concepts"] == 2 and stats["generic"] == 2
+    # a log line per landmark fetched: what came through and how far the pool and the generic images are
+    lines = [m for m in caplog.messages if m.startswith("gldv2: landmark ")]
+    assert re.fullmatch(r"gldv2: landmark \d+ \(.+\): 4 of 4 images came through; pool 1/2, generic 0/2", lines[0])
+    assert lines[-1].endswith("pool 2/2, generic 2/2")
     lock = json.loads((raw / "gldv2" / "images.lock.json").read_text())["sha256"]
     fetched = pd.read_csv(raw / "gldv2" / "fetched.csv", dtype={"id": str})
     assert set(lock) == set(fetched[fetched.status == "ok"].path)
+    assert len(lines) == fetched[fetched.role != "short"].landmark_id.nunique() == 4
     assert (fetched[fetched.id.isin(GLD_DEAD)].status.str.contains("404")).all()
     # offline: the same images verify against the lock without a request
     fetch_waterfall_images(raw / "gldv2", raw / "gldv2" / "selection.csv", raw / "gldv2" / "fetched2.csv",
@@ -610,7 +616,7 @@ def test_fetch_models_from_a_mirror_and_build_the_paper_judge(tmp_path, tiny_pip
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 
 
-def test_hub_models_are_fetched_at_a_pinned_commit(tmp_path, hub_online, monkeypatch):
+def test_hub_models_are_fetched_at_a_pinned_commit(tmp_path, hub_online, monkeypatch, caplog):
     """models.yaml ships vit_b_16 at `main`: refused unless allowed; allowed, `main` is resolved once and every later
     fetch uses that commit; files are checked against the hub's LFS sha256 and the checksum lock."""
     from huggingface_hub import constants
@@ -636,8 +642,11 @@ def test_hub_models_are_fetched_at_a_pinned_commit(tmp_path, hub_online, monkeyp
                                             r"ft_in1k is a branch or tag, not a commit.*paper.allow_unpinned_models"):
             fetch()
         assert not weights.exists()
+        caplog.set_level("INFO", logger="continual_bench")
         fetch(allow_unpinned=True)  # resolved once: main -> A, locked
         assert weights.read_bytes() == b"weights at A"
+        assert any(re.fullmatch(rf"downloaded {re.escape(str(weights))}: 12 bytes, sha256 (ok \(.+\)|locked .+)", m)
+                   for m in caplog.messages), caplog.messages  # a log line per file
         assert json.loads((res / "vit_b_16" / "revision.lock.json").read_text())["commit"] == COMMIT_A
         assert json.loads((res / "vit_b_16" / "fetched.json").read_text())["commit"] == COMMIT_A
         (hub / "refs" / "main").write_text(COMMIT_B)  # the branch moves on the hub

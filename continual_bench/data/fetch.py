@@ -61,7 +61,7 @@ import urllib3
 from PIL import Image, UnidentifiedImageError
 
 from .. import __version__
-from ..utils import UserError, atomic_write_json
+from ..utils import UserError, atomic_write_json, progress
 from .manifests import Manifest
 
 log = logging.getLogger("continual_bench")
@@ -183,8 +183,9 @@ def _content_range(resp: requests.Response) -> tuple[int | None, int | None]:
 _NETWORK_ERRORS = (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError)
 
 
-def _attempt(session: requests.Session, url: str, part: Path, timeout: float, min_interval: float) -> None:
-    """One HTTP request that appends to (or restarts) ``part``; raises _Transient or UserError."""
+def _attempt(session: requests.Session, url: str, part: Path, timeout: float, min_interval: float, bar) -> None:
+    """One HTTP request that appends to (or restarts) ``part``, counting the bytes in ``bar`` (a tqdm); raises
+    _Transient or UserError."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"Accept-Encoding": "identity", **_auth_headers(url)}
     if offset:
@@ -216,11 +217,14 @@ def _attempt(session: requests.Session, url: str, part: Path, timeout: float, mi
             announced = resp.headers.get("Content-Length", "")
             expected = offset + int(announced) if announced.isdigit() else None
             received = offset
+            bar.reset(total=expected)  # a resumed range or a restart: the bar follows the file
+            bar.update(offset)
             try:
                 with open(part, mode) as f:
                     for chunk in resp.raw.stream(CHUNK, decode_content=False):
                         f.write(chunk)
                         received += len(chunk)
+                        bar.update(len(chunk))
             except _NETWORK_ERRORS as exc:
                 if expected is None:
                     raise
@@ -234,21 +238,31 @@ def _attempt(session: requests.Session, url: str, part: Path, timeout: float, mi
         raise UserError(f"{url}: {type(exc).__name__}: {_one_line(exc)}") from None
 
 
+def _checked(sha256: str | None, md5: str | None, size: int | None) -> str:
+    """What a verified download was checked against, in words (for its log line)."""
+    done = [what for what, given in (("size", size), ("sha256", sha256), ("md5", md5)) if given is not None]
+    return " and ".join(done) + " ok" if done else "no checksum given (locked by the caller)"
+
+
 def download(url: str, dest: str | Path, *, sha256: str | None = None, md5: str | None = None,
              size: int | None = None, retries: int = 3, timeout: float = 60.0, min_interval: float = 0.0,
-             backoff: float = 1.0, session: requests.Session | None = None) -> Path:
+             backoff: float = 1.0, session: requests.Session | None = None, report: bool = True) -> Path:
     """Download ``url`` to ``dest``, resumably, and verify it before it appears at ``dest``.
 
     ``dest`` already present: kept if it matches the given checksums (or if none are given), replaced
     otherwise. ``retries``: further attempts after the first, waiting ``backoff * 2**i`` seconds (or the
     server's ``Retry-After``); each resumes from ``<dest>.part``, which is also kept for a later call when
     all attempts fail. ``timeout``: seconds without progress on connect or read. ``min_interval``: at
-    least this many seconds between requests to the host, across calls. ``size``: expected bytes.
+    least this many seconds between requests to the host, across calls. ``size``: expected bytes. ``report``: a
+    progress bar of the bytes (:func:`~continual_bench.utils.progress`) and a log line when the file is verified
+    (:func:`download_many` reports per batch instead).
     """
     dest = Path(dest)
     if dest.exists():
         try:
             verify_checksums(dest, sha256=sha256, md5=md5)
+            if report:
+                log.info("%s: already here, %s", dest, _checked(sha256, md5, None))
             return dest
         except UserError as exc:
             log.warning("%s; downloading it again", exc)
@@ -257,10 +271,12 @@ def download(url: str, dest: str | Path, *, sha256: str | None = None, md5: str 
     part = dest.with_name(dest.name + ".part")
     own_session = session is None
     session = session or new_session()
+    bar = progress(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"download {dest.name}",
+                   **({} if report else {"disable": True}))
     try:
         for attempt in range(retries + 1):
             try:
-                _attempt(session, url, part, timeout, min_interval)
+                _attempt(session, url, part, timeout, min_interval, bar)
                 break
             except _Transient as exc:
                 if attempt == retries:
@@ -270,10 +286,13 @@ def download(url: str, dest: str | Path, *, sha256: str | None = None, md5: str 
                 log.warning("%s: %s; retrying in %.1f s", url, exc, delay)
                 time.sleep(delay)
     finally:
+        bar.close()
         if own_session:
             session.close()
     _check_complete(part, url, dest, sha256=sha256, md5=md5, size=size)
     os.replace(part, dest)
+    if report:
+        log.info("downloaded %s: %d bytes, %s", dest, dest.stat().st_size, _checked(sha256, md5, size))
     return dest
 
 
@@ -368,23 +387,26 @@ class BatchResult:
 
 def download_many(urls: Mapping[str, str], root: str | Path, lock: ChecksumLock, *, images: bool = True,
                   min_interval: float = 1.0, retries: int = 2, timeout: float = 30.0,
-                  backoff: float = 1.0) -> BatchResult:
+                  backoff: float = 1.0, bar=None) -> BatchResult:
     """Fetch ``{relative path: url}`` under ``root``, politely, resuming where a previous call stopped.
 
     A file already at its path and matching its lock entry costs no request. Each new file must decode
     with :func:`verify_image` (with ``images``) and is then locked in ``lock`` (key: its relative path). A
     failing file (dead link, HTML page, corrupt image) is deleted and listed in ``failed`` while the batch
-    goes on; the caller decides whether enough files came through.
+    goes on; the caller decides whether enough files came through. ``bar``: a progress bar (tqdm) to count the
+    files in (a crawl of many batches shares one); default: one of this batch.
     """
     root = Path(root)
     result = BatchResult()
+    own_bar = bar is None
+    bar = progress(total=len(urls), unit="file", desc="download") if own_bar else bar
     with new_session() as session:
         for rel, url in urls.items():
             dest = root / rel
             expected = lock.get(rel)
             try:
                 download(url, dest, sha256=expected, min_interval=min_interval, retries=retries,
-                         timeout=timeout, backoff=backoff, session=session)
+                         timeout=timeout, backoff=backoff, session=session, report=False)
                 if expected is None:  # a locked file passed these checks before it was locked
                     if images:
                         verify_image(dest)
@@ -394,8 +416,11 @@ def download_many(urls: Mapping[str, str], root: str | Path, lock: ChecksumLock,
                     dest.unlink()
                 result.failed[rel] = str(exc)
                 log.warning("%s", exc)
-                continue
-            result.ok[rel] = dest
+            else:
+                result.ok[rel] = dest
+            bar.update(1)
+    if own_bar:
+        bar.close()
     return result
 
 
@@ -584,6 +609,7 @@ def fetch_manifest(manifest: Manifest, out: str | Path, *, manual_dir: str | Pat
             if not pinned:
                 lock.verify_or_record(entry.path, src)
             _link_or_copy(src, dest)
+            log.info("%s: taken from %s, %s", dest, src, _checked(entry.sha256, entry.md5, None))
         elif offline:
             if not dest.is_file():
                 raise UserError(f"{dest}: missing, and offline is set (nothing is downloaded); fetch it once "
@@ -591,6 +617,7 @@ def fetch_manifest(manifest: Manifest, out: str | Path, *, manual_dir: str | Pat
             verify_checksums(dest, sha256=entry.sha256, md5=entry.md5)
             if not pinned:
                 lock.verify_or_record(entry.path, dest)
+            log.info("%s: present (offline), %s", dest, _checked(entry.sha256, entry.md5, None))
         elif pinned:
             download(mirror_url(entry.url, base_url), dest, sha256=entry.sha256, md5=entry.md5, size=entry.size,
                      retries=retries, timeout=timeout, min_interval=min_interval, backoff=backoff)

@@ -37,7 +37,7 @@ import re
 from pathlib import Path
 from urllib.parse import unquote
 
-from ..utils import UserError, atomic_write_text
+from ..utils import UserError, atomic_write_text, progress
 from .manifests import load_manifest
 from .paper import GENERIC, LayoutWriter, class_caption, selection_params, split_images
 
@@ -160,20 +160,23 @@ def fetch_waterfall_images(raw: str | Path, selection_csv: str | Path, out_csv: 
                            settings: dict | None = None, manifest: str | Path = "gldv2_waterfalls",
                            lock: str | Path | None = None, base_url: str | None = None, offline: bool = False,
                            retries: int = 3, timeout: float = 30.0, backoff: float = 2.0) -> dict[str, int]:
-    """Download the selected images under ``raw`` (see the module docstring); write ``fetched.csv``."""
+    """Download the selected images under ``raw`` (see the module docstring); write ``fetched.csv``. A progress bar
+    counts the images; a log line per landmark says how many came through and how far the pool is."""
     from .fetch import ChecksumLock, download_many, mirror_url
 
     p = _params(settings, manifest)
     raw = Path(raw)
     chk = ChecksumLock(lock or raw / "images.lock.json")
     rows, pool, n_generic = [], [], 0
+    bar = progress(unit="image", desc="gldv2 images")
 
     def fetch(imgs):
         rels = {image_path(i): mirror_url(u, base_url) for i, u in imgs}
         if offline:
+            bar.update(len(rels))
             return _present(rels, raw, chk)
         return download_many(rels, raw, chk, images=True, min_interval=p["min_interval_s"], retries=retries,
-                             timeout=timeout, backoff=backoff)
+                             timeout=timeout, backoff=backoff, bar=bar)
 
     for rank, lid, name, imgs in _read_selection(Path(selection_csv)):
         if len(pool) < p["pool_size"]:
@@ -191,11 +194,15 @@ def fetch_waterfall_images(raw: str | Path, selection_csv: str | Path, out_csv: 
             imgs = take
         else:
             break
+        if role != "short":
+            log.info("gldv2: landmark %d (%s): %d of %d images came through; pool %d/%d, generic %d/%d", lid, name,
+                     len(res.ok), len(imgs), len(pool), p["pool_size"], n_generic, p["n_generic"])
         for image_id, _ in imgs:
             rel = image_path(image_id)
             status = "ok" if rel in res.ok else res.failed.get(rel, "not fetched")
             rows.append({"rank": rank, "landmark_id": lid, "name": name, "id": image_id, "path": rel, "role": role,
                          "status": " ".join(status.split())})
+    bar.close()
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=FETCHED_COLUMNS, lineterminator="\n")
     w.writeheader()

@@ -114,9 +114,8 @@ def fetch_hf_files(spec: ModelSpec, out: Path, lock, *, offline: bool = False, b
       ``HF_ENDPOINT`` or huggingface.co. ``HF_TOKEN`` is sent by huggingface_hub to that endpoint.
     """
     from huggingface_hub import constants as hf_constants
-    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 
-    from .fetch import fetch_manifest, sha256_file, verify_checksums
+    from .fetch import fetch_manifest, verify_checksums
 
     where = f"{spec.source or 'models.yaml'}: models.{spec.name}"
     repo, revision = spec.repo_id, spec.revision
@@ -147,42 +146,60 @@ def fetch_hf_files(spec: ModelSpec, out: Path, lock, *, offline: bool = False, b
         if dest.is_file() and expected:
             try:
                 verify_checksums(dest, sha256=expected)
+                log.info("%s: already here, sha256 ok", dest)
                 files[entry.path] = dest
                 continue
             except UserError as exc:
                 log.warning("%s; downloading it again", exc)
                 dest.unlink()
-        at = f"{where}: {repo}@{commit or revision}/{entry.path}"
-        try:
-            meta = get_hf_file_metadata(hf_hub_url(repo, entry.path, revision=commit or revision, endpoint=endpoint))
-        except Exception as exc:  # noqa: BLE001 - huggingface_hub and httpx errors: one line naming the file
-            raise _hub_error(at, exc) from None
-        if commit is None:
-            if not (meta.commit_hash and _COMMIT.fullmatch(meta.commit_hash)):
-                raise UserError(f"{at}: the hub did not name the commit of {revision!r} (X-Repo-Commit)")
-            commit = meta.commit_hash
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(rev_lock, {"repo_id": repo, "revision": revision, "commit": commit})
-            log.warning("%s: %r resolved to commit %s, locked in %s", where, revision, commit, rev_lock)
-        elif meta.commit_hash != commit:
-            raise UserError(f"{at}: the hub answered commit {meta.commit_hash}, expected {commit}")
-        try:
-            hf_hub_download(repo, entry.path, revision=commit, local_dir=out, endpoint=endpoint)
-        except Exception as exc:  # noqa: BLE001
-            raise _hub_error(at, exc) from None
-        actual = sha256_file(dest)
-        hub_sha = meta.etag if meta.etag and _SHA256.fullmatch(meta.etag) else None
-        for name, want in (("the hub's LFS sha256", hub_sha), ("models.yaml's sha256", entry.sha256)):
-            if want and actual != want:
-                dest.unlink()
-                raise UserError(f"{dest}: sha256 {actual} does not match {name} {want} ({at})")
-        try:
-            lock.verify_or_record(entry.path, dest)
-        except UserError:
-            dest.unlink()
-            raise
-        files[entry.path], etags[entry.path] = dest, meta.etag
+        etags[entry.path], commit = _fetch_hf_file(spec, entry, out, lock, commit=commit, endpoint=endpoint)
+        files[entry.path] = dest
     return files, {"repo_id": repo, "commit": commit, "hub_etag": etags}
+
+
+def _fetch_hf_file(spec: ModelSpec, entry, out: Path, lock, *, commit: str | None, endpoint: str | None):
+    """Download one file of ``spec`` at ``commit`` (None: resolve ``spec.revision`` now and lock it in
+    ``out/revision.lock.json``) and verify it (see :func:`fetch_hf_files`); return (its ETag, the commit)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    from .fetch import sha256_file
+
+    where = f"{spec.source or 'models.yaml'}: models.{spec.name}"
+    repo, revision, dest = spec.repo_id, spec.revision, out / entry.path
+    at = f"{where}: {repo}@{commit or revision}/{entry.path}"
+    try:
+        meta = get_hf_file_metadata(hf_hub_url(repo, entry.path, revision=commit or revision, endpoint=endpoint))
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub and httpx errors: one line naming the file
+        raise _hub_error(at, exc) from None
+    if commit is None:
+        if not (meta.commit_hash and _COMMIT.fullmatch(meta.commit_hash)):
+            raise UserError(f"{at}: the hub did not name the commit of {revision!r} (X-Repo-Commit)")
+        commit = meta.commit_hash
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / REVISION_LOCK, {"repo_id": repo, "revision": revision, "commit": commit})
+        log.warning("%s: %r resolved to commit %s, locked in %s", where, revision, commit, out / REVISION_LOCK)
+    elif meta.commit_hash != commit:
+        raise UserError(f"{at}: the hub answered commit {meta.commit_hash}, expected {commit}")
+    try:
+        hf_hub_download(repo, entry.path, revision=commit, local_dir=out, endpoint=endpoint)  # its own progress bar
+    except Exception as exc:  # noqa: BLE001
+        raise _hub_error(at, exc) from None
+    actual = sha256_file(dest)
+    hub_sha = meta.etag if meta.etag and _SHA256.fullmatch(meta.etag) else None
+    wanted = [(name, want) for name, want in (("the hub's LFS sha256", hub_sha), ("models.yaml's sha256", entry.sha256))
+              if want]
+    for name, want in wanted:
+        if actual != want:
+            dest.unlink()
+            raise UserError(f"{dest}: sha256 {actual} does not match {name} {want} ({at})")
+    try:
+        lock.verify_or_record(entry.path, dest)
+    except UserError:
+        dest.unlink()
+        raise
+    log.info("downloaded %s: %d bytes, sha256 %s", dest, dest.stat().st_size,
+             f"ok ({' and '.join(name for name, _ in wanted)})" if wanted else "locked (the hub announced none)")
+    return meta.etag, commit
 
 
 def _openai_model_cfg(sd: dict) -> dict:

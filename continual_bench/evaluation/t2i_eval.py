@@ -37,7 +37,7 @@ from ..data.datasets import PreparedDataset, load_images
 from .oracle import GENERIC
 from ..engine.t2i import RunSpec
 from ..run_files import load_npz, read_json
-from ..utils import UserError, atomic_path, atomic_write_text, stable_seed
+from ..utils import UserError, atomic_path, atomic_write_text, progress, stable_seed
 from . import metrics as M
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def evaluate_run(*, train_json: str | Path, samples_npz: str | Path, data_dir: s
     kid_features = judge.kid_features if getattr(judge, "kid_extractor", None) is not None else None
     rows = []
     last = sequence[-1]
-    for key in sorted(samples, key=parse_sample_key):
+    for key in progress(sorted(samples, key=parse_sample_key), desc="evaluate", unit="sample set"):
         t, k = parse_sample_key(key)
         concept = sequence[k - 1] if k else GENERIC
         if concept not in real_feats_of:
@@ -203,6 +203,7 @@ def evaluate_run(*, train_json: str | Path, samples_npz: str | Path, data_dir: s
                 vals["takeover"] = M.oracle_accuracy(preds, last)
         for metric, value in vals.items():
             rows.append({"after_task": t, "concept_index": k, "concept": concept, "metric": metric, "value": value})
+        log.info("evaluated %s after task %d: %s", concept, t, ", ".join(f"{m} {v:.4g}" for m, v in vals.items()))
     R = pd.DataFrame(rows)
     summary: dict[str, float] = {}
     concepts_R = R[R.concept_index > 0]

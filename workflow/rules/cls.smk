@@ -22,7 +22,7 @@ rule toy_imagenet_r_data:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench make-toy-imagenet-r --out {params.out} --seed {params.cfg[data_seed]} "
+        "{CLI:q} make-toy-imagenet-r --out {params.out} --seed {params.cfg[data_seed]} "
         "--n-classes {params.cfg[n_classes]} --n-train {params.cfg[n_train]} --n-test {params.cfg[n_test]} "
         "--n-pretrain {params.cfg[n_pretrain]} 2> {log}"
 
@@ -43,7 +43,7 @@ rule toy_vit:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench --threads {threads} pretrain-vit --data {params.data} --out {params.out} "
+        "{CLI:q} --threads {threads} pretrain-vit --data {params.data} --out {params.out} "
         "--steps {params.cfg[vit_steps]} --batch-size {params.cfg[vit_batch_size]} --lr {params.cfg[vit_lr]} "
         "--patch-size {params.cfg[vit_patch_size]} --embed-dim {params.cfg[vit_embed_dim]} "
         "--depth {params.cfg[vit_depth]} --heads {params.cfg[vit_heads]} 2> {log}"
@@ -77,7 +77,7 @@ rule train_cls:
     shell:
         "mkdir -p \"$(dirname {params.log:q})\"; echo \"== $(date -u +%Y-%m-%dT%H:%M:%SZ) train-cls on $(uname -n)\" "
         ">> {params.log:q}; "
-        "continual-bench --threads {threads} train-cls "
+        "{CLI:q} --threads {threads} train-cls "
         "--backbone {params.backbone:q} --data {params.data:q} --benchmark {wildcards.benchmark:q} "
         "--method {wildcards.method:q} --n-tasks {wildcards.n_tasks:q} --seed {wildcards.seed:q} "
         "--settings {params.settings:q} --ckpt-dir {params.ckpt:q} --device {params.device:q} {params.extra} "

@@ -4,6 +4,7 @@ import json
 import os
 import shlex
 import sys
+import sysconfig
 
 from snakemake.settings.types import DeploymentMethod
 
@@ -15,18 +16,30 @@ for _var, _sub in (("HF_HOME", "huggingface"), ("TORCH_HOME", "torch"), ("XDG_CA
 RUN = config["run_name"]
 RESULTS = f"results/{RUN}"
 LOGS = f"{RESULTS}/logs"
-# Rules call the package's CLI, `continual-bench`, defined for every job as a shell function that runs
-# this checkout's package: inside --use-conda envs (which hold the dependencies, not the package) with the
-# env's python, otherwise with the Python that runs Snakemake (the project's venv).
 # Every value from the config that reaches a shell command is quoted: {...:q}, or shlex.quote inside a param that
 # holds several arguments (inserted as is; such params keep their earlier text for ordinary values, so Snakemake's
 # params trigger reruns nothing). A config value is never shell code, and a path may hold spaces. (The toy world's
 # rules pass only integers the schema checked and fixed paths.)
-_PY = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else sys.executable
 shell.executable("bash")
-_CLI = (f'continual-bench() {{ PYTHONPATH={shlex.quote(str(workflow.basedir))}"${{PYTHONPATH:+:$PYTHONPATH}}" '
-        f'{shlex.quote(_PY)} -m continual_bench "$@"; }}; ')
-_CLI = _CLI.replace("{", "{{").replace("}", "}}")  # Snakemake formats the prefix like the command
+
+
+def _cli():
+    """What the rules run, as `{CLI:q} <command> ...`: the console script `continual-bench` (pyproject.toml,
+    [project.scripts]) installed beside the Python that runs Snakemake (the project's venv; without the package
+    installed there, that Python runs the same entry point, `python -m continual_bench`). With --use-conda the env holds
+    the dependencies, not the package: the env's python runs `-m continual_bench`. Either way the job imports this
+    checkout's package: shell.prefix puts the checkout first on PYTHONPATH. (`snakemake --lint` notes that the shell
+    commands read CLI from outside the rules: it is not a param on purpose, as params are rerun triggers and CLI
+    differs between a venv and --use-conda.)"""
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+        return ["python", "-m", "continual_bench"]
+    script = Path(sysconfig.get_path("scripts")) / "continual-bench"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "continual_bench"]
+
+
+CLI = _cli()
+_PYTHONPATH = f'export PYTHONPATH={shlex.quote(str(workflow.basedir))}"${{PYTHONPATH:+:$PYTHONPATH}}"; '
+_PYTHONPATH = _PYTHONPATH.replace("{", "{{").replace("}", "}}")  # Snakemake formats the prefix like the command
 
 
 def _machine_gpus():
@@ -58,7 +71,7 @@ def _gpu_slots():
 # CUDA_VISIBLE_DEVICES): with N GPU slots every GPU job takes one and sees only that GPU (continual_bench/gpu_slots.py).
 _GPU_SLOTS = _gpu_slots()
 _GPU_ENV = f"export CONTINUAL_BENCH_GPU_SLOTS={_GPU_SLOTS}; " if _GPU_SLOTS else ""
-shell.prefix(f"set -euo pipefail; {_GPU_ENV}{_CLI}")
+shell.prefix(f"set -euo pipefail; {_GPU_ENV}{_PYTHONPATH}")
 CONDA_ENV = "../envs/continual-bench.yaml"
 TOY = "resources/toy"
 

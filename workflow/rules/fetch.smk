@@ -26,7 +26,7 @@ rule fetch_dataset:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench fetch --manifest {input.manifest:q} --out {params.out:q} {params.manual} {params.flags} "
+        "{CLI:q} fetch --manifest {input.manifest:q} --out {params.out:q} {params.manual} {params.flags} "
         "2> {log:q}"
 
 
@@ -46,7 +46,7 @@ rule prepare_celeba_hq:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench prepare-celeba-hq --raw {params.raw:q} --out {params.out:q} --data-seed {params.seed:q} "
+        "{CLI:q} prepare-celeba-hq --raw {params.raw:q} --out {params.out:q} --data-seed {params.seed:q} "
         "--settings {params.settings:q} --manifest {input.manifest:q} 2> {log:q}"
 
 
@@ -65,7 +65,7 @@ rule select_gldv2_waterfalls:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench select-gldv2-waterfalls --raw {params.raw:q} --out {output:q} --data-seed {params.seed:q} "
+        "{CLI:q} select-gldv2-waterfalls --raw {params.raw:q} --out {output:q} --data-seed {params.seed:q} "
         "--settings {params.settings:q} --manifest {input.manifest:q} 2> {log:q}"
 
 
@@ -85,7 +85,7 @@ rule fetch_gldv2_images:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench fetch-gldv2-images --raw {params.raw:q} --selection {input.selection:q} --out {output:q} "
+        "{CLI:q} fetch-gldv2-images --raw {params.raw:q} --selection {input.selection:q} --out {output:q} "
         "--settings {params.settings:q} --manifest {input.manifest:q} {params.flags} 2> {log:q}"
 
 
@@ -105,7 +105,7 @@ rule prepare_gldv2_waterfalls:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench prepare-gldv2-waterfalls --raw {params.raw:q} --fetched {input.fetched:q} --out {params.out:q} "
+        "{CLI:q} prepare-gldv2-waterfalls --raw {params.raw:q} --fetched {input.fetched:q} --out {params.out:q} "
         "--data-seed {params.seed:q} --settings {params.settings:q} --manifest {input.manifest:q} 2> {log:q}"
 
 
@@ -123,7 +123,7 @@ rule prepare_imagenet_r:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench prepare-imagenet-r-fetched --raw {params.raw:q} --out {params.out:q} "
+        "{CLI:q} prepare-imagenet-r-fetched --raw {params.raw:q} --out {params.out:q} "
         "--manifest {input.manifest:q} 2> {log:q}"
 
 
@@ -143,7 +143,7 @@ rule fetch_model:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench fetch-models --resources {params.resources:q} --model {wildcards.model:q} "
+        "{CLI:q} fetch-models --resources {params.resources:q} --model {wildcards.model:q} "
         "--models-file {input.models:q} {params.flags} 2> {log:q}"
 
 
@@ -162,5 +162,5 @@ rule paper_judge:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench build-paper-judge --clip {params.clip:q} --inception {params.inception:q} --out {params.out:q} "
+        "{CLI:q} build-paper-judge --clip {params.clip:q} --inception {params.inception:q} --out {params.out:q} "
         "2> {log:q}"

@@ -22,7 +22,7 @@ rule tables:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench tables {params.run_dir:q} --metrics {input.metrics:q} --noise-floor {input.floor:q} 2> {log:q}"
+        "{CLI:q} tables {params.run_dir:q} --metrics {input.metrics:q} --noise-floor {input.floor:q} 2> {log:q}"
 
 
 rule run_config:
@@ -35,4 +35,4 @@ rule run_config:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench write-config --json {params.cfg:q} --out {output:q} 2> {log:q}"
+        "{CLI:q} write-config --json {params.cfg:q} --out {output:q} 2> {log:q}"

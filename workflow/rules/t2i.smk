@@ -29,7 +29,7 @@ rule train:
     shell:
         "mkdir -p \"$(dirname {params.log:q})\"; echo \"== $(date -u +%Y-%m-%dT%H:%M:%SZ) train on $(uname -n)\" "
         ">> {params.log:q}; "
-        "continual-bench --threads {threads} train "
+        "{CLI:q} --threads {threads} train "
         "--backbone {params.backbone:q} --data {params.data:q} --benchmark {wildcards.benchmark:q} "
         "--method {wildcards.method:q} --n-tasks {wildcards.n_tasks:q} --seed {wildcards.seed:q} "
         "--settings {params.settings:q} --ckpt-dir {params.ckpt:q} --device {params.device:q} "
@@ -62,7 +62,7 @@ rule generate:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench --threads {threads} generate "
+        "{CLI:q} --threads {threads} generate "
         "--backbone {params.backbone:q} --data {params.data:q} --benchmark {wildcards.benchmark:q} "
         "--method {wildcards.method:q} --n-tasks {wildcards.n_tasks:q} --seed {wildcards.seed:q} "
         "--settings {params.settings:q} --ckpt-dir {params.ckpt:q} --device {params.device:q} "
@@ -94,7 +94,7 @@ rule evaluate:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench --threads {threads} evaluate --train-json {input.train:q} --samples {input.samples:q} "
+        "{CLI:q} --threads {threads} evaluate --train-json {input.train:q} --samples {input.samples:q} "
         "--data {params.data:q} --judge {params.judge:q} {params.oracle:q} --benchmark {wildcards.benchmark:q} "
         "--method {wildcards.method:q} --n-tasks {wildcards.n_tasks:q} --seed {wildcards.seed:q} "
         "--eval-settings {params.ev:q} --out-metrics {output.metrics:q} --out-R {output.R:q} "
@@ -128,7 +128,7 @@ rule noise_floor:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench --threads {threads} noise-floor --backbone {params.backbone:q} --data {params.data:q} "
+        "{CLI:q} --threads {threads} noise-floor --backbone {params.backbone:q} --data {params.data:q} "
         "--judge {params.judge:q} {params.oracle:q} --benchmark {wildcards.benchmark:q} --eval-settings {params.ev:q} "
         "--max-concepts {params.concepts:q} --repeats {params.repeats:q} --device {params.device:q} --out {output:q} "
         "2> {log:q}"

@@ -15,7 +15,7 @@ rule toy_data:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench make-toy-data --world {wildcards.benchmark} --out {params.out} --seed {params.cfg[data_seed]} "
+        "{CLI:q} make-toy-data --world {wildcards.benchmark} --out {params.out} --seed {params.cfg[data_seed]} "
         "--n-concepts {params.cfg[n_concepts]} --n-train {params.cfg[n_train]} --n-eval {params.cfg[n_eval]} "
         "--n-generic {params.cfg[n_generic]} --n-generic-ids {params.cfg[n_generic_ids]} 2> {log}"
 
@@ -30,7 +30,7 @@ rule toy_tokenizer:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench write-tokenizer --out {params.out} --max-length 32 2> {log}"
+        "{CLI:q} write-tokenizer --out {params.out} --max-length 32 2> {log}"
 
 
 rule toy_vae:
@@ -50,7 +50,7 @@ rule toy_vae:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench --threads {threads} pretrain-vae --data {params.data} --out {params.out} --steps {params.steps} --latent-size {params.latent_size} 2> {log}"
+        "{CLI:q} --threads {threads} pretrain-vae --data {params.data} --out {params.out} --steps {params.steps} --latent-size {params.latent_size} 2> {log}"
 
 
 rule toy_text_encoder:
@@ -71,7 +71,7 @@ rule toy_text_encoder:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench --threads {threads} pretrain-text-encoder --data {params.data} --tokenizer {params.tok} "
+        "{CLI:q} --threads {threads} pretrain-text-encoder --data {params.data} --tokenizer {params.tok} "
         "--out {params.out} --steps {params.steps} 2> {log}"
 
 
@@ -98,7 +98,7 @@ rule toy_t2i:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench --threads {threads} pretrain-t2i --data {params.data} --vae {params.vae} --tokenizer {params.tok} "
+        "{CLI:q} --threads {threads} pretrain-t2i --data {params.data} --vae {params.vae} --tokenizer {params.tok} "
         "--text-encoder {params.te} --out {params.out} --steps {params.steps} --batch-size {params.batch} 2> {log}"
 
 
@@ -121,7 +121,7 @@ rule toy_judge:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench --threads {threads} train-judge --data {params.data} --out {params.out} --steps {params.steps} 2> {log}"
+        "{CLI:q} --threads {threads} train-judge --data {params.data} --out {params.out} --steps {params.steps} 2> {log}"
 
 
 rule toy_oracle:
@@ -140,4 +140,4 @@ rule toy_oracle:
     conda:
         CONDA_ENV
     shell:
-        "continual-bench --threads {threads} train-oracle --data {params.data} --out {params.out} --epochs {params.epochs} 2> {log}"
+        "{CLI:q} --threads {threads} train-oracle --data {params.data} --out {params.out} --epochs {params.epochs} 2> {log}"
