@@ -55,6 +55,10 @@ def test_entry_point_plugin(tmp_path, monkeypatch):
     (dist / "entry_points.txt").write_text("[continual_bench.methods]\nmine = my_plugin\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_LOADED", False)
+    # the plugin's registration is undone after the test: later tests in this process (the ledger's check of every
+    # registered method, tests/test_deviations.py) must not see a method that exists only here
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.delitem(sys.modules, "my_plugin", raising=False)
     names = {(m["track"], m["name"]) for m in registry.list_methods()}
     assert ("t2i", "my_plugin_method") in names
     assert registry.get_method("t2i", "my_plugin_method").paper == "Doe et al. 2030"
