@@ -125,25 +125,37 @@ def test_kill_in_train_generate_and_evaluate_resumes_with_identical_metrics(dag)
         ("generate", lambda: (out / "logs" / "generate.log").is_file(), out / "samples.npz", 1.5),
         ("evaluate", lambda: (out / "logs" / "evaluate.log").is_file(), out / "metrics.csv", 1.5),
     ]
-    for job, running, output, latest in phases:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+    # the uninterrupted reference runs beside the kill phases (its own run name and session; the phases leave a core
+    # idle: one job at a time, one thread each)
+    straight = subprocess.Popen([*cmd[:cmd.index("--config")], "--nolock", "--config", "run_name=straight", *over, "--",
+                                 *targets["straight"]], stdout=subprocess.DEVNULL,
+                                stderr=(straight_log := open(dag / "straight.stderr", "w")), env=_env(),
                                 start_new_session=True)
-        deadline = time.time() + 240
-        while not running():
-            assert proc.poll() is None, f"snakemake ended before {job} started (fault seed {seed})"
-            assert time.time() < deadline, f"{job} did not start in time (fault seed {seed})"
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0, latest))
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole job tree, as a crash or scancel would
-        proc.wait()
-        assert not output.exists(), f"{job} had finished before the kill (fault seed {seed})"
-        assert job != "train" or not list(ckpt.glob("*/task_003")), f"the kill came after the last task ({seed})"
-        snakemake(dag, "--unlock", "--config", "run_name=resume", *over)
-    snakemake(dag, "--rerun-incomplete", "--config", "run_name=resume", *over, "--", *targets["resume"])
-    log = (out / "logs" / "train.log").read_text()  # appended: the killed attempt's lines are kept
-    assert re.search(r"task 1 \(\w+\): loss", log) and "checkpoint found, skipping" in log, log
-    assert log.count(" train on ") >= 2
-    snakemake(dag, "--config", "run_name=straight", *over, "--", *targets["straight"])
+    try:
+        for job, running, output, latest in phases:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+                                    start_new_session=True)
+            deadline = time.time() + 240
+            while not running():
+                assert proc.poll() is None, f"snakemake ended before {job} started (fault seed {seed})"
+                assert time.time() < deadline, f"{job} did not start in time (fault seed {seed})"
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0, latest))
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole job tree, as a crash or scancel would
+            proc.wait()
+            assert not output.exists(), f"{job} had finished before the kill (fault seed {seed})"
+            assert job != "train" or not list(ckpt.glob("*/task_003")), f"the kill came after the last task ({seed})"
+            snakemake(dag, "--unlock", "--config", "run_name=resume", *over)
+        snakemake(dag, "--rerun-incomplete", "--config", "run_name=resume", *over, "--", *targets["resume"])
+        log = (out / "logs" / "train.log").read_text()  # appended: the killed attempt's lines are kept
+        assert re.search(r"task 1 \(\w+\): loss", log) and "checkpoint found, skipping" in log, log
+        assert log.count(" train on ") >= 2
+        rc = straight.wait(timeout=400)
+    finally:
+        if straight.poll() is None:
+            os.killpg(straight.pid, signal.SIGKILL)
+        straight_log.close()
+    assert rc == 0, (dag / "straight.stderr").read_text()[-6000:]
     resumed = _values(dag / f"results/resume/{run}/metrics.csv")
     straight = _values(dag / f"results/straight/{run}/metrics.csv")
     pd.testing.assert_series_equal(resumed, straight)  # the same seed gives the same metrics, to the digit
