@@ -396,11 +396,11 @@ def test_matching_selection_and_logits_stay_fp32_under_bf16_autocast():
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")
 def test_engine_autocast_follows_precision():
-    from continual_bench.engine.cls import _amp
+    from continual_bench.engine.runner import amp_context
 
-    assert _amp("cpu", "bf16")() is not None and not isinstance(_amp("cpu", "bf16")(), torch.autocast)
-    assert isinstance(_amp("cuda", "bf16")(), torch.autocast)
-    assert not isinstance(_amp("cuda", "fp32")(), torch.autocast)
+    assert amp_context("cpu", "bf16")() is not None and not isinstance(amp_context("cpu", "bf16")(), torch.autocast)
+    assert isinstance(amp_context("cuda", "bf16")(), torch.autocast)
+    assert not isinstance(amp_context("cuda", "fp32")(), torch.autocast)
 
 
 def test_c_lora_kv_targets_leave_the_query_rows_unadapted():
