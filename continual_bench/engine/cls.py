@@ -30,7 +30,6 @@ earlier states are not kept), with a warning naming the file.
 """
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -45,7 +44,6 @@ from ..methods.registry import get_method
 from ..utils import UserError, atomic_write_json, seed_everything, stable_seed
 from .runner import BaseRunSpec, TaskLoop, amp_context, resolve_device, seed_task, train_sequence  # noqa: F401
 
-log = logging.getLogger(__name__)
 AUGMENTS = ("flip", "rrc", "none")
 PRECISIONS = ("bf16", "fp32")
 # Settings added after checkpoints existed, at the value that reproduces the code those checkpoints were written

@@ -13,7 +13,6 @@ checkpoints are kept, not deleted.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +24,6 @@ from ..methods.base import T2IMethod, Task, build_settings
 from ..methods.registry import get_method
 from ..utils import UserError, atomic_write_json, stable_seed
 from .runner import BaseRunSpec, TaskLoop, resolve_device, seed_task, train_sequence  # noqa: F401 (re-exported)
-
-log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- sequences
