@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from continual_bench.backbones.vit import ViTBackbone, build_vit, prefix_attention
 from continual_bench.methods.base import build_settings
 from continual_bench.methods.cls_base import ClsTask, cosine_factor, mask_past_logits
+from continual_bench.methods.lora import base_weight, live_delta
 from continual_bench.methods.registry import get_method, list_methods
 
 ALL = ["upper_bound", "ft", "ft_pp", "lwf", "l2p", "l2p_pp", "dualprompt", "coda_p", "c_lora"]
@@ -214,12 +215,16 @@ def test_lwf_distillation_value():
 
 
 # ------------------------------------------------------------------------------------------- C-LoRA
+def _weight(m, name):
+    return base_weight(m.backbone.vit.get_submodule(name))
+
+
 def test_c_lora_penalty_and_merged_past_products():
     t1, t2 = tasks()
     m = make("c_lora", rank=2)
     targets = m.targets
     assert len(targets) == 5 and all(t.endswith("attn.qkv") for t in targets)
-    w_init = {n: m._weight(n).detach().clone() for n in targets}
+    w_init = {n: _weight(m, n).detach().clone() for n in targets}
     # hand-made task-1 LoRA: A1[0,0] = 1, B1[0,0] = 2 -> product has a single entry 2 at (0, 0)
     state = {f"head.{k}": v for k, v in m.head.state_dict().items()}
     for n in targets:
@@ -229,22 +234,22 @@ def test_c_lora_penalty_and_merged_past_products():
     m.load_state(state, [t1])
     m.begin_task(t2)
     for n in targets:
-        d = m._weight(n).detach() - w_init[n]  # W = W_init + A1 B1 (past product merged, frozen)
+        d = _weight(m, n).detach() - w_init[n]  # W = W_init + A1 B1 (past product merged, frozen)
         assert d[0, 0].item() == pytest.approx(2.0) and d.abs().sum().item() == pytest.approx(2.0)
     # hand-made current LoRA: product rows 0 and 1 = [3, 1, 0, ...]
     with torch.no_grad():
-        for a, b in m.lora_pairs().values():
-            a.weight.zero_()
-            b.weight.zero_()
-            a.weight[0, 0], a.weight[0, 1] = 3.0, 1.0
-            b.weight[0, 0], b.weight[1, 0] = 1.0, 1.0
+        for a, b, _ in m.lora_pairs().values():
+            a.zero_()
+            b.zero_()
+            a[0, 0], a[0, 1] = 3.0, 1.0
+            b[0, 0], b[1, 0] = 1.0, 1.0
     # || |past| ⊙ current ||_F^2 per target = (2 * 3)^2 = 36 (only (0, 0) overlaps); 5 targets
     assert m.penalty().item() == pytest.approx(5 * 36.0)
     out = m.loss(batch(t2))
     assert out["loss"].item() == pytest.approx(out["ce"].item() + m.settings.lam * 180.0, rel=1e-6)
     out["loss"].backward()
-    a, b = m.lora_pairs()[targets[0]]
-    assert a.weight.grad is not None and not m._weight(targets[0]).requires_grad
+    a, b, _ = m.lora_pairs()[targets[0]]
+    assert a.grad is not None and not _weight(m, targets[0]).requires_grad
     # the LoRA is applied in the forward pass: output changes by B A x on the qkv input
     m.end_task(t2)
     assert set(k for k in m.state_dict() if k.startswith("lora.")) == {
@@ -387,8 +392,8 @@ def test_matching_selection_and_logits_stay_fp32_under_bf16_autocast():
     m2.load_state(m.state_dict(), [t1])
     m2.begin_task(t2)
     with torch.no_grad():
-        for a, b in m2.lora_pairs().values():
-            b.weight.normal_()
+        for a, b, _ in m2.lora_pairs().values():
+            b.normal_()
     with bf16():
         assert m2.penalty().dtype == torch.float32
         assert m2.loss(batch(t2))["penalty"].dtype == torch.float32
@@ -396,11 +401,11 @@ def test_matching_selection_and_logits_stay_fp32_under_bf16_autocast():
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")
 def test_engine_autocast_follows_precision():
-    from continual_bench.engine.cls import _amp
+    from continual_bench.engine.runner import amp_context
 
-    assert _amp("cpu", "bf16")() is not None and not isinstance(_amp("cpu", "bf16")(), torch.autocast)
-    assert isinstance(_amp("cuda", "bf16")(), torch.autocast)
-    assert not isinstance(_amp("cuda", "fp32")(), torch.autocast)
+    assert amp_context("cpu", "bf16")() is not None and not isinstance(amp_context("cpu", "bf16")(), torch.autocast)
+    assert isinstance(amp_context("cuda", "bf16")(), torch.autocast)
+    assert not isinstance(amp_context("cuda", "fp32")(), torch.autocast)
 
 
 def test_c_lora_kv_targets_leave_the_query_rows_unadapted():
@@ -419,7 +424,7 @@ def test_c_lora_kv_targets_leave_the_query_rows_unadapted():
             m.loss(batch(t1))["loss"].backward()
             opt.step()
         for n in m.targets:
-            d = m.delta(n).detach()
+            d = live_delta(m.backbone.vit.get_submodule(n)).detach()
             assert d.shape == (3 * D, D)
             assert (d[:D].abs().sum() > 0) == q_moves, (targets, n)
             assert d[D:].abs().sum() > 0

@@ -4,7 +4,7 @@ import torch
 from continual_bench.backbones.model import T2IModel
 from continual_bench.methods.base import Task, build_settings
 from continual_bench.methods.registry import get_method
-from continual_bench.methods.t2i.lora_sequential import lora_delta, lora_pairs
+from continual_bench.methods.lora import lora_delta, lora_pairs
 
 
 def _method(pipe, **kw):

@@ -4,7 +4,7 @@ import torch
 from continual_bench.backbones.model import T2IModel
 from continual_bench.methods.base import Task, build_settings
 from continual_bench.methods.registry import get_method
-from continual_bench.methods.t2i.lora_sequential import lora_pairs
+from continual_bench.methods.lora import base_weight, lora_layers, lora_pairs
 
 
 def _method(pipe, **kw):
@@ -18,8 +18,7 @@ def _task(i):
 
 
 def _weight(m, name):
-    mod = m.model.unet.get_submodule(name)
-    return (mod.base_layer.weight if hasattr(mod, "base_layer") else mod.weight).detach().clone()
+    return base_weight(m.model.unet.get_submodule(name)).detach().clone()
 
 
 def test_prompt_selects_its_lora_and_generic_prompt_uses_base_weights(tiny_pipeline):
@@ -31,15 +30,16 @@ def test_prompt_selects_its_lora_and_generic_prompt_uses_base_weights(tiny_pipel
         m.load_state(state, tasks[: k - 1])
         m.begin_task(t)
         with torch.no_grad():  # "trained" pair k: A = first column 1, B = k: s * B A = 0.5 * k * rank in column 0
-            for a, b, _ in lora_pairs(m.model.unet).values():
+            for a, b, _ in lora_pairs(m.model.unet, m.adapter).values():
                 a.zero_()[:, 0] = 1.0
                 b.fill_(float(k))
         m.end_task(t)
         state = m.state_dict()
-    name = next(iter(m._w_init))
-    w0 = m._w_init[name]
-    # m: resumed from task 1's state (nothing folded), live for task 2
-    assert torch.equal(_weight(m, name), w0)
+    name = next(iter(lora_layers(m.model.unet, None)))
+    w0 = _weight(m, name)
+    assert torch.equal(w0, base_weight(T2IModel.from_pretrained(tiny_pipeline).unet.get_submodule(name)))
+    # m: resumed from task 1's state (nothing folded: LoRA 1 is the adapter "concept1"), live for task 2
+    assert sorted(lora_layers(m.model.unet, "concept1")) == sorted(lora_layers(m.model.unet, "concept2"))
     with m.weights_for("a photo of a person") as chosen:
         assert chosen == [] and torch.equal(_weight(m, name), w0)
     for k in (1, 2):

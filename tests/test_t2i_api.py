@@ -4,6 +4,7 @@ import json
 import torch
 
 from continual_bench.data.datasets import PreparedDataset
+from continual_bench.engine import runner
 from continual_bench.engine import t2i as engine
 from continual_bench.evaluation.t2i_eval import generic_prompt as eval_generic_prompt
 from continual_bench.methods.base import T2IMethod, Task, TrainSettings, generic_prompt
@@ -52,7 +53,7 @@ def _run_engine_recording(spec, tmp_path, monkeypatch, uses_past):
 
     monkeypatch.setattr(spec, "restore", lambda ckpt_dir, t: _fake_method(uses_past))
     monkeypatch.setattr(engine, "train_one_task", fake_train)
-    monkeypatch.setattr(engine, "_save_checkpoint", lambda *a: None)
+    monkeypatch.setattr(runner.Checkpoints, "save", lambda *a: None)
     engine.train_sequence(spec, tmp_path / f"ck{uses_past}")
     return seen
 

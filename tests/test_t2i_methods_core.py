@@ -9,11 +9,10 @@ import torch
 from continual_bench.backbones.model import T2IModel
 from continual_bench.engine.t2i import train_one_task
 from continual_bench.methods.base import Task, build_settings
+from continual_bench.methods.lora import lora_delta, lora_pairs
 from continual_bench.methods.registry import get_method
-from continual_bench.methods.t2i.c_lora import c_lora_penalty, past_products
 from continual_bench.methods.t2i.custom_diffusion import _detach_first_token, cross_attention_kv
 from continual_bench.methods.t2i.custom_diffusion_ewc import ewc_penalty
-from continual_bench.methods.t2i.lora_sequential import lora_delta, lora_pairs
 from continual_bench.utils import UserError
 
 FAST = {"steps": 2, "batch_size": 2}
@@ -228,23 +227,7 @@ def test_custom_diffusion_ewc_fisher_penalty_and_resume(backbone):
 
 
 # ----------------------------------------------------------------------------------- C-LoRA
-def test_c_lora_penalty_by_hand():
-    past = torch.tensor([[1.0, -2.0], [0.0, 3.0]])
-    cur = torch.tensor([[2.0, 1.0], [5.0, -1.0]])
-    # |past| ⊙ cur = [[2, 2], [0, -3]] -> 4 + 4 + 0 + 9
-    assert c_lora_penalty(past, cur).item() == 17.0
-
-
-def test_c_lora_sums_products_not_factors():
-    a1, b1 = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0], [0.0]])  # B1 A1 = [[1, 0], [0, 0]]
-    a2, b2 = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0], [1.0]])  # B2 A2 = [[0, 0], [0, 1]]
-    past = [{"m.A": a1, "m.B": b1, "m.scaling": torch.tensor(2.0)},
-            {"m.A": a2, "m.B": b2, "m.scaling": torch.tensor(2.0)}]
-    assert torch.equal(past_products(past)["m"], torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
-    # (B1 + B2)(A1 + A2) * 2 would be all twos: the known bug
-    assert not torch.equal(past_products(past)["m"], lora_delta(a1 + a2, b1 + b2, 2.0))
-
-
+# the penalty's equation and the sum of products: tests/test_lora_toolkit.py
 def test_c_lora_trains_two_tasks_with_penalty_and_resumes(backbone):
     kw = {"rank": 2, "lam": 10.0}
     m = _method(backbone, "c_lora", **kw)

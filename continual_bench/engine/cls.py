@@ -21,46 +21,29 @@ over all views, and once per run over the test images. ``rrc`` (paper profile) =
 flip for training, Resize(256 * size / 224) + CenterCrop for testing, images read from disk by a
 DataLoader; nothing is cached. ``none`` = no augmentation.
 
-Resume: before every task the method is rebuilt from the backbone on disk and the previous task's
-checkpoint (``method.load_state``), whether or not the process restarted, and every task's randomness
-is seeded from (seed, task); a killed run continues at the first task without a checkpoint and produces
-the same accuracy matrix. Checkpoint layout under ``ckpt_root``::
-
-    <fingerprint>/run.json                      what the fingerprint covers
-    <fingerprint>/task_001/meta.json            accuracies after task 1, N_train, N_store, loss, seconds
-    <fingerprint>/task_003/state.safetensors    method.state_dict() (only the last finished task's is kept)
-
-Each meta.json records its state file's sha256 (``state_sha256``); the state a resumed run starts from must match
-it (or, for checkpoints from before the hash, be a well-formed safetensors file), else the run restarts from the
-latest task whose state is intact (from the first task when none is: earlier states are not kept), with a
-warning naming the file. A non-finite loss stops the run with an error naming it, the task and the step.
+Resume and checkpoints are the shared engine's (:mod:`.runner`): before every task the method is rebuilt from the
+backbone on disk and the previous task's checkpoint, every task's randomness is seeded from (seed, task), and a
+killed run continues at the first task without a checkpoint and produces the same accuracy matrix. This track keeps
+only the last finished task's ``state.safetensors`` (every task's accuracies are in its ``meta.json``); a resumed
+run starts from the latest task whose state matches its recorded sha256 (from the first task when none does:
+earlier states are not kept), with a warning naming the file.
 """
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from ..backbones.vit import load_vit
 from ..data.cls_data import ClsDataset, Split, class_order, holdout_split, load_split_tensor, task_classes
 from ..methods.base import build_settings
 from ..methods.cls_base import ClsMethod, ClsTask, cosine_factor
 from ..methods.registry import get_method
-from ..run_files import META, STATE, load_state, read_json, state_problem
-from ..utils import UserError, atomic_write_json, config_hash, file_sha256, seed_everything, stable_seed
-from .t2i import resolve_device
+from ..utils import UserError, atomic_write_json, seed_everything, stable_seed
+from .runner import BaseRunSpec, TaskLoop, amp_context, resolve_device, seed_task, train_sequence  # noqa: F401
 
-log = logging.getLogger(__name__)
 AUGMENTS = ("flip", "rrc", "none")
 PRECISIONS = ("bf16", "fp32")
 # Settings added after checkpoints existed, at the value that reproduces the code those checkpoints were written
@@ -78,8 +61,10 @@ def make_cls_tasks(order: list[int], n_tasks: int) -> list[ClsTask]:
     return tasks
 
 
-class ClsRunSpec:
+class ClsRunSpec(BaseRunSpec):
     """Everything that identifies one class-incremental run (benchmark x n_tasks x method x seed)."""
+
+    keep_states = False  # every task's accuracies are in its meta.json: only the last state is needed to resume
 
     def __init__(self, *, backbone: str | Path, data_dir: str | Path, method: str, n_tasks: int, seed: int,
                  settings: dict | None = None, device: str = "auto", backbone_name: str | None = None,
@@ -118,25 +103,19 @@ class ClsRunSpec:
         """What evaluation reads: ``val`` (held out from the training images) or ``test``."""
         return "val" if self.settings.val_fraction > 0 else "test"
 
-    def fingerprint(self) -> str:
+    def identity(self) -> dict:
         weights = [self.backbone] if self.backbone.is_file() else sorted(self.backbone.rglob("*.safetensors"))
         manifest = self.ds.root / "manifest.csv"
         settings = {k: v for k, v in self.settings.__dict__.items()
                     if not (k in FINGERPRINT_NEUTRAL and v == FINGERPRINT_NEUTRAL[k])}
-        ident = {"method": self.method_cls.name, "settings": settings, "seed": self.seed,
-                 "order": self.order, "n_tasks": self.n_tasks, "augment": self.augment, "image_size": self.image_size,
-                 "backbone": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights],
-                 "data": (manifest.stat().st_size, manifest.stat().st_mtime_ns)}
-        return config_hash(ident)
+        return {"method": self.method_cls.name, "settings": settings, "seed": self.seed,
+                "order": self.order, "n_tasks": self.n_tasks, "augment": self.augment, "image_size": self.image_size,
+                "backbone": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights],
+                "data": (manifest.stat().st_size, manifest.stat().st_mtime_ns)}
 
-    def checkpoint_dir(self, ckpt_root: str | Path) -> Path:
-        d = Path(ckpt_root) / self.fingerprint()
-        d.mkdir(parents=True, exist_ok=True)
-        if not (d / "run.json").exists():
-            atomic_write_json(d / "run.json", {"method": self.method_cls.name, "settings": self.settings.__dict__,
-                                               "seed": self.seed, "order": self.order, "n_tasks": self.n_tasks,
-                                               "augment": self.augment, "backbone": str(self.backbone)})
-        return d
+    def run_info(self) -> dict:
+        return {"method": self.method_cls.name, "settings": self.settings.__dict__, "seed": self.seed,
+                "order": self.order, "n_tasks": self.n_tasks, "augment": self.augment, "backbone": str(self.backbone)}
 
     # ------------------------------------------------------------------ models
     def new_method(self) -> ClsMethod:
@@ -147,13 +126,20 @@ class ClsRunSpec:
         method = self.method_cls(bb, self.settings, seed=self.seed, n_classes=self.ds.n_classes, n_tasks=self.n_tasks)
         return method.to(self.device)
 
-    def restore(self, ckpt_dir: Path, tasks_done: int) -> ClsMethod:
-        method = self.new_method()
-        if tasks_done > 0:
-            task_dir = ckpt_dir / f"task_{tasks_done:03d}"
-            state = load_state(task_dir / STATE, read_json(task_dir / META).get("state_sha256"), device=self.device)
-            method.load_state(state, self.train_tasks[:tasks_done])
-        return method
+    # ------------------------------------------------------------------ the engine's hooks
+    def task_trainer(self):
+        data = TaskData(self)  # held for the whole run: test features are computed once
+
+        def train_and_evaluate(method: ClsMethod, task: ClsTask) -> dict:
+            meta = train_one_task(method, task, data, self)
+            eval_tasks = self.tasks if self.method_cls.joint else self.tasks[:task.index]
+            meta["acc"] = evaluate_seen(method, data, self, task.hi, eval_tasks)
+            return meta
+
+        return train_and_evaluate
+
+    def result_note(self, meta: dict) -> str:
+        return "; acc " + " ".join(f"{a:.1f}" for a in meta["acc"])
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -235,13 +221,6 @@ def _batched(method_fn, x: torch.Tensor, device: str, bs: int) -> dict[str, torc
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def _amp(device: str, precision: str = "bf16"):
-    """bf16 autocast on CUDA with ``precision='bf16'``; nothing otherwise (CPU, or ``'fp32'`` as CODA-P)."""
-    if device.startswith("cuda") and precision == "bf16":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
 # ------------------------------------------------------------------------------------------- training
 def task_epochs(epochs: int, min_steps: int, n_batches: int) -> int:
     """Epochs of one task: ``epochs``, raised until ``epochs * n_batches >= min_steps`` (0 = no floor)."""
@@ -251,19 +230,18 @@ def task_epochs(epochs: int, min_steps: int, n_batches: int) -> int:
 
 
 def train_one_task(method: ClsMethod, task: ClsTask, data: TaskData, spec: ClsRunSpec) -> dict:
+    """The track's loop: a fresh Adam over ``method.param_groups()``, epochs of shuffled batches (in memory with
+    precomputed frozen-backbone features, or from a DataLoader), the cosine schedule stepped per epoch."""
     s = method.settings
     device = spec.device
-    seed_everything(stable_seed("cls-train", spec.seed, task.index))
-    g = torch.Generator().manual_seed(stable_seed("cls-batches", spec.seed, task.index))
+    g = seed_task("cls-", spec.seed, task.index)
     method.begin_task(task)
     method.to(device)
     groups = method.param_groups()
-    params = [p for grp in groups for p in grp["params"]]
     opt = torch.optim.Adam(groups, lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay)
     if s.schedule not in ("cosine", "constant"):
         raise UserError(f"cls_method_settings.{method.name}.schedule: 'cosine' or 'constant', got {s.schedule!r}")
-    amp = _amp(device, s.precision)
-    t0, losses = time.time(), []
+    t0 = time.time()  # the task's seconds include the precomputed features
     method.train()
     if data.in_memory:
         xs, ys = data.views(task)
@@ -275,8 +253,8 @@ def train_one_task(method: ClsMethod, task: ClsTask, data: TaskData, spec: ClsRu
         n_batches = len(loader)
     epochs = task_epochs(s.epochs, s.min_steps, n_batches)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: cosine_factor(e, epochs) if s.schedule == "cosine" else 1.0)
-    bar = tqdm(total=epochs * n_batches, desc=f"{method.name} task {task.index}/{len(spec.train_tasks)}",
-               mininterval=5, disable=os.environ.get("CONTINUAL_BENCH_NO_TQDM") == "1")
+    loop = TaskLoop(method, task, opt, groups, device=device, precision=s.precision, max_grad_norm=s.max_grad_norm,
+                    total_steps=epochs * n_batches, desc=f"{method.name} task {task.index}/{len(spec.train_tasks)}", started=t0)
     step = 0
     for epoch in range(epochs):
         if data.in_memory:
@@ -291,35 +269,19 @@ def train_one_task(method: ClsMethod, task: ClsTask, data: TaskData, spec: ClsRu
             batch = {"x": x.to(device, non_blocking=True), "y": y.to(device), "task": task, "step": step}
             if c:
                 batch["cache"] = c
-            with amp():
-                out = method.loss(batch)
-            loss = out["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"method {method.name}: non-finite loss {loss.item()} at task {task.index} "
-                                         f"epoch {epoch} step {step} ({ {k: float(v) for k, v in out.items()} })")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if s.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-            opt.step()
-            losses.append(loss.item())
+            loop.step([batch], f"epoch {epoch} step {step}")
             step += 1
-            bar.update(1)
         sched.step()
-        bar.set_postfix(loss=f"{np.mean(losses[-n_batches:]):.4f}")
-    bar.close()
-    n_trained = method.n_trained()
-    method.end_task(task)
+        loop.show_loss(n_batches)
     return {"task": task.index, "classes": task.classes, "epochs": epochs, "steps": step,
-            "loss_first": float(np.mean(losses[:n_batches])), "loss_last": float(np.mean(losses[-n_batches:])),
-            "N_train": int(n_trained), "N_store": int(method.n_stored()), "seconds": round(time.time() - t0, 1)}
+            **loop.finish(first=n_batches, last=n_batches)}
 
 
 @torch.no_grad()
 def evaluate_seen(method: ClsMethod, data: TaskData, spec: ClsRunSpec, hi: int, eval_tasks: list[ClsTask]) -> list[float]:
     """Top-1 accuracy (%) on each of ``eval_tasks``' test images, logits over outputs ``[0, hi)``."""
     method.eval()
-    amp = _amp(spec.device, spec.settings.precision)
+    amp = amp_context(spec.device, spec.settings.precision)
     accs = []
     for task in eval_tasks:
         correct, total = 0, 0
@@ -342,88 +304,6 @@ def evaluate_seen(method: ClsMethod, data: TaskData, spec: ClsRunSpec, hi: int, 
             raise UserError(f"{spec.ds.root}: no {spec.eval_split} images for task {task.index} (classes {task.classes})")
         accs.append(100.0 * correct / total)
     return accs
-
-
-def _done(ckpt_dir: Path, t: int) -> bool:
-    return (ckpt_dir / f"task_{t:03d}" / "meta.json").is_file()
-
-
-def _resume_point(ckpt_dir: Path, n_tasks: int) -> int:
-    """Tasks done whose results can be trusted: the finished prefix (readable meta.json), cut back to the latest
-    task whose state is intact when training must continue from it (states before the last are not kept)."""
-    done = 0
-    while done < n_tasks and _done(ckpt_dir, done + 1):
-        try:
-            read_json(ckpt_dir / f"task_{done + 1:03d}" / META)
-        except UserError as e:
-            log.warning("%s; training from task %d again", e, done + 1)
-            break
-        done += 1
-    if done == n_tasks:
-        return done  # every task's accuracies are in its meta.json: no state is loaded
-    start = done
-    while done > 0:
-        task_dir = ckpt_dir / f"task_{done:03d}"
-        problem = state_problem(task_dir / STATE, read_json(task_dir / META).get("state_sha256"))
-        if problem is None:
-            break
-        if problem != "missing":
-            log.warning("%s: corrupt checkpoint (%s)", task_dir / STATE, problem)
-        done -= 1
-    if done < start:
-        log.warning("training again from task %d (the state of task %d is the latest intact one; earlier states "
-                    "are not kept)", done + 1, done)
-    return done
-
-
-def _save_checkpoint(ckpt_dir: Path, t: int, method: ClsMethod, meta: dict) -> None:
-    final = ckpt_dir / f"task_{t:03d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".task_{t:03d}.", dir=ckpt_dir))
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}, str(tmp / STATE))
-        meta["state_sha256"] = file_sha256(tmp / STATE)  # checked before a resumed run starts from it
-        (tmp / META).write_text(json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    prev = ckpt_dir / f"task_{t - 1:03d}" / "state.safetensors"
-    if prev.exists():  # only the last state is needed to resume; every task's meta.json stays
-        prev.unlink()
-
-
-def train_sequence(spec: ClsRunSpec, ckpt_root: str | Path, stop_after: int | None = None) -> list[dict]:
-    """Train (and evaluate) every task of ``spec`` in order, skipping tasks that have a checkpoint.
-    ``stop_after``: return after that many tasks (tests use it to simulate a killed run)."""
-    ckpt_dir = spec.checkpoint_dir(ckpt_root)
-    data = TaskData(spec)
-    metas = []
-    done = _resume_point(ckpt_dir, len(spec.train_tasks))
-    for task in spec.train_tasks:
-        t = task.index
-        if t <= done:
-            metas.append(read_json(ckpt_dir / f"task_{t:03d}" / META))
-            log.info("task %d: checkpoint found, skipping", t)
-            continue
-        if t > 1:
-            log.info("task %d: resuming from the checkpoint of task %d", t, t - 1)
-        method = spec.restore(ckpt_dir, t - 1)
-        try:
-            meta = train_one_task(method, task, data, spec)
-        except FloatingPointError as e:  # nothing of this task is saved: a rerun starts it again
-            raise FloatingPointError(f"run {spec.ds.name}/T{spec.n_tasks}/{spec.method_cls.name}/seed{spec.seed} "
-                                     f"({ckpt_dir}): {e}; task {t} was not saved") from None
-        eval_tasks = spec.tasks if spec.method_cls.joint else spec.tasks[:t]
-        meta["acc"] = evaluate_seen(method, data, spec, task.hi, eval_tasks)
-        log.info("task %d: loss %.4f -> %.4f in %.1fs; acc %s", t, meta["loss_first"], meta["loss_last"],
-                 meta["seconds"], " ".join(f"{a:.1f}" for a in meta["acc"]))
-        _save_checkpoint(ckpt_dir, t, method, meta)
-        metas.append(meta)
-        if stop_after is not None and len(metas) >= stop_after:
-            break
-    return metas
 
 
 def accuracy_matrix(spec: ClsRunSpec, metas: list[dict]) -> np.ndarray:

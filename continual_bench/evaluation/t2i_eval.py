@@ -20,7 +20,9 @@ default: the toy text encoder knows only the toy captions), ``clip_t`` uses the 
 ``evaluate_run``: judge features of samples and real images -> R[t][k] for KID, CLIP image alignment,
 CLIP text alignment and (toy world) oracle accuracy -> ``R.csv`` (long; generic rows have
 concept_index 0) and ``metrics.csv`` (P/A/F per metric, relevant-concept forgetting ``Frel_*``,
-takeover and its base rates, N_train, N_store), every row with provenance.
+takeover and its base rates, N_train, N_store), every row with provenance. Its pieces: the references'
+features (:class:`ReferenceFeatures`), per-sample-set scoring (:func:`score_samples`, :func:`counts_for_takeover`),
+aggregation (:func:`summarize`) and writing (:func:`write_results`).
 """
 from __future__ import annotations
 
@@ -146,67 +148,100 @@ def concept_text(ds: PreparedDataset, concept: str, class_word: str) -> str:
     return caps[0] if caps else generic_prompt(class_word)
 
 
-def evaluate_run(*, train_json: str | Path, samples_npz: str | Path, data_dir: str | Path, judge, oracle=None,
-                 ident: dict, provenance: dict, out_metrics: str | Path, out_R: str | Path) -> pd.DataFrame:
-    """Compute R[t][k] and the run's aggregate metrics; write both CSVs atomically."""
-    info = read_json(train_json)
-    sequence = info["sequence"]
-    class_word = info.get("class_word", "")
-    T = len(sequence)
-    ds = PreparedDataset(data_dir)
-    has_generic = bool(ds.records(concept=GENERIC))
-    samples = load_npz(samples_npz)
-    templates = [str(x) for x in samples.pop(TEXT_TEMPLATES_KEY, [])]
-    held_out = {key: samples.pop(key) for key in [k for k in samples if "_text" in k]}
-    real_feats_of: dict[str, torch.Tensor] = {}  # judge features of each reference set, computed once
-    real_kid_of: dict[str, torch.Tensor] = {}  # KID features (Inception in the paper profile; else the same)
-    text_feats_of: dict = {}  # concept (its caption) or (concept, held-out template) -> text features
-    # KID on the judge's own image features unless it carries a KID extractor (the paper judge's Inception)
-    kid_features = judge.kid_features if getattr(judge, "kid_extractor", None) is not None else None
-    rows = []
-    last = sequence[-1]
-    for key in progress(sorted(samples, key=parse_sample_key), desc="evaluate", unit="sample set"):
-        t, k = parse_sample_key(key)
-        concept = sequence[k - 1] if k else GENERIC
-        if concept not in real_feats_of:
-            ref = concept if (k or has_generic) else None
-            real = real_reference(ds, ref) if ref else torch.cat([real_reference(ds, c) for c in sequence])
-            real_feats_of[concept] = judge.image_features(real, normalize=False)
-            real_kid_of[concept] = kid_features(real) if kid_features else real_feats_of[concept]
-            text = concept_text(ds, concept, class_word) if k else generic_prompt(class_word)
-            text_feats_of[concept] = judge.text_features([text])
-        real_feats = real_feats_of[concept]
-        fake = _to_tensor(samples[key])
-        fake_feats = judge.image_features(fake, normalize=False)
-        fake_kid = kid_features(fake) if kid_features else fake_feats
-        # KID's subsets are seeded by the concept (and the prompt kind), never by t: identical samples before and
-        # after the sequence score identically, so a method that changes nothing has F = Frel = 0 exactly
-        kid_seed = stable_seed("kid", concept, "generic" if k == 0 else "concept")
-        vals = {"mmd": M.kid(real_kid_of[concept], fake_kid, seed=kid_seed),
-                "clip": M.clip_image_alignment(real_feats, fake_feats),
-                "clip_t": M.clip_text_alignment(text_feats_of[concept], fake_feats)}
-        parts = [(held_out[text_key(t, k, i)], tpl) for i, tpl in enumerate(templates) if text_key(t, k, i) in held_out]
-        if k and parts:  # held-out prompts: each sample against its own template, filled with the class text
-            scores = []
-            for imgs, tpl in parts:
-                if (concept, tpl) not in text_feats_of:
-                    filled = tpl.format(prompt=concept_text(ds, concept, class_word))
-                    text_feats_of[concept, tpl] = judge.text_features([filled])
-                feats = judge.image_features(_to_tensor(imgs), normalize=False)
-                scores.append((M.clip_text_alignment(text_feats_of[concept, tpl], feats), len(imgs)))
-            vals["clip_t"] = float(sum(v * n for v, n in scores) / sum(n for _, n in scores))
-        if oracle is not None:
-            preds = oracle.predict(fake)
-            if k:
-                vals["oracle"] = M.oracle_accuracy(preds, concept)
-            if t == T and k < T or t == 0:  # earlier concepts, and the generic prompt before/after the sequence
-                vals["takeover"] = M.oracle_accuracy(preds, last)
-        for metric, value in vals.items():
-            rows.append({"after_task": t, "concept_index": k, "concept": concept, "metric": metric, "value": value})
-        log.info("evaluated %s after task %d: %s", concept, t, ", ".join(f"{m} {v:.4g}" for m, v in vals.items()))
-    R = pd.DataFrame(rows)
+# ------------------------------------------------------------------------------------------- evaluation
+class ReferenceFeatures:
+    """What sample sets are scored against, in the judge's features, computed once per concept: its real images
+    (image features, and KID features: the judge's own KID extractor when it has one, as the paper judge's
+    Inception, else the same image features), its text, and each held-out template filled with its class text.
+
+    The generic prompt's references (``GENERIC``) are the dataset's generic-class images, or, when it has none, the
+    real images of every concept of the sequence; its text is the generic prompt."""
+
+    def __init__(self, ds: PreparedDataset, sequence: list[str], class_word: str, judge):
+        self.ds, self.sequence, self.class_word, self.judge = ds, sequence, class_word, judge
+        self.has_generic = bool(ds.records(concept=GENERIC))
+        self.kid_features = judge.kid_features if getattr(judge, "kid_extractor", None) is not None else None
+        self._of: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._templates: dict[tuple[str, str], torch.Tensor] = {}
+
+    def real_images(self, concept: str) -> torch.Tensor:
+        if concept != GENERIC or self.has_generic:
+            return real_reference(self.ds, concept)
+        return torch.cat([real_reference(self.ds, c) for c in self.sequence])
+
+    def of(self, concept: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image features, KID features, text features) of ``concept``'s references."""
+        if concept not in self._of:
+            real = self.real_images(concept)
+            feats = self.judge.image_features(real, normalize=False)
+            kid = self.kid_features(real) if self.kid_features else feats
+            text = generic_prompt(self.class_word) if concept == GENERIC else concept_text(self.ds, concept,
+                                                                                             self.class_word)
+            self._of[concept] = (feats, kid, self.judge.text_features([text]))
+        return self._of[concept]
+
+    def template(self, concept: str, template: str) -> torch.Tensor:
+        """Text features of a held-out template filled with the concept's class text (never its token)."""
+        if (concept, template) not in self._templates:
+            filled = template.format(prompt=concept_text(self.ds, concept, self.class_word))
+            self._templates[concept, template] = self.judge.text_features([filled])
+        return self._templates[concept, template]
+
+
+def counts_for_takeover(t: int, k: int, n_tasks: int) -> bool:
+    """Whether the oracle's takeover (the share of samples it calls the last concept) is measured on the samples of
+    prompt ``k`` after task ``t``: every earlier concept's, and the generic prompt's, after the last task
+    (``t == T``, ``k < T``), and the generic prompt's before the sequence (``t == 0``)."""
+    return (t == n_tasks and k < n_tasks) or t == 0
+
+
+def held_out_clip_t(parts: list[tuple[np.ndarray, str]], concept: str, refs: ReferenceFeatures) -> float:
+    """CLIP text alignment of a concept's held-out-prompt samples: each set against its own template filled with
+    the concept's class text, averaged weighted by the number of samples."""
+    scores = []
+    for imgs, tpl in parts:
+        text = refs.template(concept, tpl)
+        feats = refs.judge.image_features(_to_tensor(imgs), normalize=False)
+        scores.append((M.clip_text_alignment(text, feats), len(imgs)))
+    return float(sum(v * n for v, n in scores) / sum(n for _, n in scores))
+
+
+def score_samples(images: np.ndarray, concept: str, refs: ReferenceFeatures, *,
+                  held_out: list[tuple[np.ndarray, str]] = (), oracle=None,
+                  takeover_of: str | None = None) -> dict[str, float]:
+    """One sample set's values: KID x 1e3 (``mmd``), CLIP image alignment (``clip``) and text alignment (``clip_t``;
+    a concept's held-out-prompt samples replace its training-prompt ones there); with an oracle, the share of a
+    concept's samples it recognises (``oracle``) and, when ``takeover_of`` names a concept, the share it calls that
+    one (``takeover``)."""
+    generic = concept == GENERIC
+    real_feats, real_kid, text_feats = refs.of(concept)
+    fake = _to_tensor(images)
+    fake_feats = refs.judge.image_features(fake, normalize=False)
+    fake_kid = refs.kid_features(fake) if refs.kid_features else fake_feats
+    # KID's subsets are seeded by the concept (and the prompt kind), never by t: identical samples before and
+    # after the sequence score identically, so a method that changes nothing has F = Frel = 0 exactly
+    kid_seed = stable_seed("kid", concept, "generic" if generic else "concept")
+    vals = {"mmd": M.kid(real_kid, fake_kid, seed=kid_seed),
+            "clip": M.clip_image_alignment(real_feats, fake_feats),
+            "clip_t": M.clip_text_alignment(text_feats, fake_feats)}
+    if held_out and not generic:
+        vals["clip_t"] = held_out_clip_t(list(held_out), concept, refs)
+    if oracle is not None:
+        preds = oracle.predict(fake)
+        if not generic:
+            vals["oracle"] = M.oracle_accuracy(preds, concept)
+        if takeover_of is not None:
+            vals["takeover"] = M.oracle_accuracy(preds, takeover_of)
+    return vals
+
+
+def summarize(R: pd.DataFrame, n_tasks: int, tasks: list[dict]) -> dict[str, float]:
+    """The run's aggregates from R (long: after_task, concept_index, metric, value; generic rows have concept_index
+    0) and train.json's per-task records: P/A/F per metric, relevant-concept forgetting ``Frel_*`` (the generic
+    prompt before vs after the sequence), takeover and its base rates, N_train (mean per task), N_store (final)."""
+    T = n_tasks
+    concepts_R, generic_R = R[R.concept_index > 0], R[R.concept_index == 0]
     summary: dict[str, float] = {}
-    concepts_R = R[R.concept_index > 0]
     for metric, hib in M.HIGHER_IS_BETTER.items():
         sub = concepts_R[concepts_R.metric == metric]
         if sub.empty:
@@ -214,7 +249,6 @@ def evaluate_run(*, train_json: str | Path, samples_npz: str | Path, data_dir: s
         table = {(int(r.after_task), int(r.concept_index)): float(r.value) for r in sub.itertuples()}
         for agg, v in M.summarize_R(table, T, hib).items():
             summary[f"{agg}_{metric}"] = v
-    generic_R = R[R.concept_index == 0]
     for metric, hib in M.HIGHER_IS_BETTER.items():
         sub = generic_R[generic_R.metric == metric].set_index("after_task").value
         if {0, T} <= set(sub.index):
@@ -226,14 +260,46 @@ def evaluate_run(*, train_json: str | Path, samples_npz: str | Path, data_dir: s
         if {0, T} <= set(gtk.index):  # the same oracle verdict on generic-prompt samples: base rate and after
             summary["takeover_base"] = float(gtk[0])
             summary["takeover_generic"] = float(gtk[T])
-    summary["N_train"] = float(np.mean([m["N_train"] for m in info["tasks"]]))
-    summary["N_store"] = float(info["tasks"][-1]["N_store"])
-    prov = {**ident, **provenance}
+    summary["N_train"] = float(np.mean([m["N_train"] for m in tasks]))
+    summary["N_store"] = float(tasks[-1]["N_store"])
+    return summary
+
+
+def write_results(summary: dict[str, float], R: pd.DataFrame, *, ident: dict, provenance: dict,
+                  out_metrics: str | Path, out_R: str | Path) -> pd.DataFrame:
+    """``metrics.csv`` (one row per aggregate) and ``R.csv``, both with the run's identity and provenance columns,
+    written atomically; returns the metrics table."""
     out = pd.DataFrame([{**ident, "metric": m, "value": v, **provenance} for m, v in summary.items()])
     cols = ["track", "benchmark", "n_tasks", "method", "seed", "metric", "value"]
     out = out[cols + [c for c in out.columns if c not in cols]]
-    for df, path in ((out, out_metrics), (R.assign(**prov), out_R)):
+    for df, path in ((out, out_metrics), (R.assign(**{**ident, **provenance}), out_R)):
         buf = io.StringIO()
         df.to_csv(buf, index=False, float_format="%.6g")
         atomic_write_text(path, buf.getvalue())
     return out
+
+
+def evaluate_run(*, train_json: str | Path, samples_npz: str | Path, data_dir: str | Path, judge, oracle=None,
+                 ident: dict, provenance: dict, out_metrics: str | Path, out_R: str | Path) -> pd.DataFrame:
+    """Compute R[t][k] and the run's aggregate metrics; write both CSVs atomically."""
+    info = read_json(train_json)
+    sequence = info["sequence"]
+    T = len(sequence)
+    ds = PreparedDataset(data_dir)
+    samples = load_npz(samples_npz)
+    templates = [str(x) for x in samples.pop(TEXT_TEMPLATES_KEY, [])]
+    held_out = {key: samples.pop(key) for key in [k for k in samples if "_text" in k]}
+    refs = ReferenceFeatures(ds, sequence, info.get("class_word", ""), judge)
+    rows = []
+    for key in progress(sorted(samples, key=parse_sample_key), desc="evaluate", unit="sample set"):
+        t, k = parse_sample_key(key)
+        concept = sequence[k - 1] if k else GENERIC
+        parts = [(held_out[text_key(t, k, i)], tpl) for i, tpl in enumerate(templates) if text_key(t, k, i) in held_out]
+        vals = score_samples(samples[key], concept, refs, held_out=parts, oracle=oracle,
+                             takeover_of=sequence[-1] if counts_for_takeover(t, k, T) else None)
+        for metric, value in vals.items():
+            rows.append({"after_task": t, "concept_index": k, "concept": concept, "metric": metric, "value": value})
+        log.info("evaluated %s after task %d: %s", concept, t, ", ".join(f"{m} {v:.4g}" for m, v in vals.items()))
+    R = pd.DataFrame(rows)
+    return write_results(summarize(R, T, info["tasks"]), R, ident=ident, provenance=provenance,
+                         out_metrics=out_metrics, out_R=out_R)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from ...utils import UserError
-from .. import register
+from .. import lora, register
 from ..base import setting
-from ..cls_base import ClsMethod, ClsTrainSettings, full_precision
+from ..cls_base import ClsMethod, ClsTrainSettings
 
 
 @dataclass
@@ -108,55 +108,37 @@ class CLoRA(ClsMethod):
         self.factors: dict[str, torch.Tensor] = {}  # every finished task's A and B (the checkpoint)
         self.injected = False
 
-    # ------------------------------------------------------------------ LoRA plumbing
-    def _module(self, name: str):
-        return self.backbone.vit.get_submodule(name)
-
-    def _weight(self, name: str) -> torch.Tensor:
-        m = self._module(name)
-        return (m.base_layer if hasattr(m, "base_layer") else m).weight
-
-    def lora_pairs(self) -> dict[str, tuple[torch.nn.Linear, torch.nn.Linear]]:
-        """target -> (lora_A, lora_B) of the current task's adapter."""
-        return {n: (self._module(n).lora_A["default"], self._module(n).lora_B["default"]) for n in self.targets}
-
-    def delta(self, name: str) -> torch.Tensor:
-        """The current task's product A_t B_t as a weight update (out, in), including LoRA scaling."""
-        a, b = self.lora_pairs()[name]
-        return (b.weight @ a.weight) * self.scaling
+    # ------------------------------------------------------------------ LoRA (continual_bench.methods.lora)
+    def lora_pairs(self) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter, float]]:
+        """target -> (A weight, B weight, scaling) of the current task's adapter."""
+        return lora.lora_pairs(self.backbone.vit) if self.injected else {}
 
     def begin_task(self, task):
         super().begin_task(task)
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig
 
         cfg = LoraConfig(r=self.settings.rank, lora_alpha=self.settings.alpha or self.settings.rank,
                          target_modules=self.pattern, lora_dropout=0.0, init_lora_weights=True, bias="none")
-        inject_adapter_in_model(cfg, self.backbone.vit)
+        lora.add_adapter(self.backbone.vit, cfg)
         self.injected = True
-        for n in self.targets:
-            self.past.setdefault(n, torch.zeros_like(self._weight(n)))
         self.to(self.backbone.device)
-        for n, (_, b) in self.lora_pairs().items():
-            mask = query_row_mask(n, b.weight.shape[0], self.kv_only)
+        for n, (_, b, _) in self.lora_pairs().items():
+            mask = query_row_mask(n, b.shape[0], self.kv_only)
             if mask is not None:  # B starts at zero; a zero gradient keeps its query rows there (Adam, any decay)
-                mask = mask.to(b.weight)
+                mask = mask.to(b)
                 with torch.no_grad():
-                    b.weight.mul_(mask)
-                b.weight.register_hook(lambda g, m=mask: g * m.to(g.dtype))
+                    b.mul_(mask)
+                b.register_hook(lambda g, m=mask: g * m.to(g.dtype))
 
     def param_groups(self):
-        lora = [p for pair in self.lora_pairs().values() for m in pair for p in m.parameters()] if self.injected else []
-        return [{"params": lora + list(self.head.parameters())}]
+        lora_params = lora.lora_parameters(self.backbone.vit) if self.injected else []
+        return [{"params": lora_params + list(self.head.parameters())}]
 
     def penalty(self) -> torch.Tensor:
         """sum over targets of || |sum_{t'<t} A_t' B_t'| ⊙ (A_t B_t) ||_F^2, in fp32 under any autocast."""
-        total = torch.zeros((), device=self.backbone.device)
-        with full_precision(total):
-            for n in self.targets:
-                past = self.past.get(n)
-                if past is not None and bool(past.any()):
-                    total = total + ((past.float().abs() * self.delta(n).float()) ** 2).sum()
-        return total
+        if not self.injected:
+            return torch.zeros((), device=self.backbone.device)
+        return lora.c_lora_regularizer(self.backbone.vit, self.past, device=self.backbone.device, fp32=True)
 
     def loss(self, batch):
         out = super().loss(batch)
@@ -166,9 +148,8 @@ class CLoRA(ClsMethod):
         return out
 
     def end_task(self, task):
-        for n, (a, b) in self.lora_pairs().items():
-            self.factors[f"lora.{task.index:03d}.{n}.A"] = a.weight.detach().clone()
-            self.factors[f"lora.{task.index:03d}.{n}.B"] = b.weight.detach().clone()
+        self.factors.update(lora.factors_to_state(self.lora_pairs(), prefix=f"lora.{task.index:03d}.",
+                                                  with_scaling=False))  # the scaling is a setting
         super().end_task(task)
 
     # ------------------------------------------------------------------ state
@@ -183,14 +164,12 @@ class CLoRA(ClsMethod):
         if self.injected:
             raise RuntimeError("c_lora: load_state must come before begin_task")
         self.factors = {k: v for k, v in state.items() if k.startswith("lora.")}
-        with torch.no_grad():
-            for t in tasks:
-                for n in self.targets:
-                    a, b = state[f"lora.{t.index:03d}.{n}.A"], state[f"lora.{t.index:03d}.{n}.B"]
-                    w = self._weight(n)
-                    d = (b.to(w) @ a.to(w)) * self.scaling
-                    w.add_(d)
-                    self.past[n] = self.past.get(n, torch.zeros_like(w)) + d
+        for t in tasks:
+            factors = lora.factors_of(state, prefix=f"lora.{t.index:03d}.", scaling=self.scaling)
+            if sorted(factors) != sorted(self.targets):
+                raise RuntimeError(f"c_lora: task {t.index}'s stored LoRA covers {sorted(factors)}, not {self.targets}")
+            for n, d in lora.fold(self.backbone.vit, factors).items():
+                self.past[n] = self.past[n] + d if n in self.past else d.clone()
 
     def n_stored(self) -> int:
         return sum(p.numel() for p in self.head.parameters()) + sum(v.numel() for v in self.factors.values())

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import lora
 from ..base import Task, setting
 from ..registry import register
-from .lora_sequential import LoRASequential, LoRASettings, lora_delta, lora_pairs
+from .lora_sequential import LoRASequential, LoRASettings
 
 
 @dataclass
@@ -40,20 +41,9 @@ class CLoRASettings(LoRASettings):
                          "paper profile: 1e8, C-LoRA paper)", min=0)
 
 
-def c_lora_penalty(past_sum: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """|| |past_sum| ⊙ delta ||_F^2 for one projection (past_sum = sum of past products, delta = A_t B_t)."""
-    return ((past_sum.abs() * delta) ** 2).sum()
-
-
 def past_products(past: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Module name -> sum over finished tasks of their products ``scaling * B @ A`` (not of the factors)."""
-    out: dict[str, torch.Tensor] = {}
-    for entry in past:
-        for key in [k for k in entry if k.endswith(".A")]:
-            module = key[: -len(".A")]
-            d = lora_delta(entry[key], entry[module + ".B"], entry[module + ".scaling"].item())
-            out[module] = out[module] + d if module in out else d.clone()
-    return out
+    return lora.sum_products(lora.factors_of(entry) for entry in past)
 
 
 @register("t2i", "c_lora")
@@ -73,12 +63,10 @@ class CLoRA(LoRASequential):
         self.past_sum = {n: d.to(device).detach() for n, d in past_products(self.past).items()}
 
     def penalty(self) -> torch.Tensor:
-        """sum over the adapted projections of || |sum_{t'<t} A_t' B_t'| ⊙ (A_t B_t) ||_F^2."""
-        total = torch.zeros((), device=self.model.unet.device)
-        for name, (a, b, scaling) in lora_pairs(self.model.unet).items():
-            if name in self.past_sum:
-                total = total + c_lora_penalty(self.past_sum[name], lora_delta(a, b, scaling))
-        return total
+        """sum over the adapted projections of || |sum_{t'<t} A_t' B_t'| ⊙ (A_t B_t) ||_F^2 (the toolkit's, under the
+        engine's autocast as this track's results were computed; the classification track's runs in fp32)."""
+        return lora.c_lora_regularizer(self.model.unet, self.past_sum, device=self.model.unet.device,
+                                       adapter=self.adapter, fp32=False)
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         out = super().loss(batch)

@@ -33,7 +33,7 @@ import torch
 
 from ..base import T2IMethod, Task
 from ..registry import register
-from .lora_sequential import LoRASequential, LoRASettings, freeze_all_but_token, lora_config
+from .lora_sequential import LoRASequential, LoRASettings, freeze_all_but_token
 
 
 @dataclass
@@ -55,8 +55,7 @@ class Joint(LoRASequential):
 
     def begin_task(self, task: Task) -> None:
         T2IMethod.begin_task(self, task)  # the new concept token
-        torch.manual_seed(self.seed * 1000 + task.index)  # peft's gaussian init draws from the global RNG
-        self.model.unet.add_adapter(lora_config(self.settings.rank, self.settings.alpha))
+        self.add_task_adapter(task)
         self.token_id = self.model.token_id(task.token)
         self.token_ids = [self.model.token_id(p.token) for p in task.past] + [self.token_id]
         self.emb = freeze_all_but_token(self.model, self.token_ids)  # every seen concept's row trains

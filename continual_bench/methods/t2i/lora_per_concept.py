@@ -21,7 +21,10 @@ generic prompt cannot drift; the price is N_store = T x (one LoRA + one token ro
 number of tasks, and a router (here: the token itself) at inference.
 
 Same adapter, rank, learning rates and token handling as ``lora_sequential`` (it subclasses it), so the
-two differ only in fold-vs-store.
+two differ only in fold-vs-store. Each concept's LoRA is a named peft adapter (``concept<k>``); generation merges
+the prompt's ones into the base weights with peft's merge and restores the base weights exactly afterwards
+(:func:`continual_bench.methods.lora.merged`), so the forward pass is the one of a plain layer with
+``W_init + sum A_k B_k``.
 """
 from __future__ import annotations
 
@@ -31,19 +34,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import lora
 from ..base import Task
 from ..registry import register
-from .lora_sequential import CROSS_ATTN_KV, LoRASequential, LoRASettings, lora_delta
+from .lora_sequential import LoRASequential, LoRASettings, lora_config
 
 
 @dataclass
 class LoRAPerConceptSettings(LoRASettings):
     """The same as ``lora_sequential`` (toy: rank 4, lr 5e-3, token lr 2e-2; paper profile: rank 16, lr 5e-4)."""
-
-
-def _base_weight(module) -> torch.Tensor:
-    """The frozen weight of a (possibly peft-wrapped) linear layer."""
-    return module.base_layer.weight if hasattr(module, "base_layer") else module.weight
 
 
 @register("t2i", "lora_per_concept")
@@ -57,20 +56,27 @@ class LoRAPerConcept(LoRASequential):
              "Continual Diffusion (C-LoRA), TMLR 2024, arXiv:2304.06027")
     Settings = LoRAPerConceptSettings
 
-    def __init__(self, model, settings, seed: int = 0):
-        super().__init__(model, settings, seed)
-        # W_init of every cross-attention K/V projection, restored after each selection
-        self._w_init = {n: _base_weight(m).detach().clone() for n, m in model.unet.named_modules()
-                        if n.endswith(tuple(CROSS_ATTN_KV))
-                        and (hasattr(m, "base_layer") or isinstance(m, torch.nn.Linear))}
+    @staticmethod
+    def adapter_of(k: int) -> str:
+        """The peft adapter holding concept ``k``'s LoRA."""
+        return f"concept{k}"
 
     # ------------------------------------------------------------------ state: store, never fold
     def _fold(self, entry: dict[str, torch.Tensor]) -> None:
-        """Loaded LoRAs stay separate (selected per prompt), unlike ``lora_sequential``'s fold."""
+        """A loaded LoRA stays separate, as its concept's named adapter (disabled until a prompt selects it),
+        unlike ``lora_sequential``'s fold."""
+        name = self.adapter_of(len(self.past) + 1)
+        lora.add_adapter(self.model.unet, lora_config(self.settings.rank, self.settings.alpha), name)
+        lora.set_factors(self.model.unet, name, lora.factors_of(entry))
+        lora.enable_adapters(self.model.unet, False)
+
+    def begin_task(self, task: Task) -> None:
+        self.adapter = self.adapter_of(task.index)
+        super().begin_task(task)
 
     def end_task(self, task: Task) -> None:
         super().end_task(task)  # stores (A_k, B_k, scaling, token) in self.past
-        self.model.unet.disable_adapters()  # the live adapter is now LoRA k among the stored ones: select per prompt
+        lora.enable_adapters(self.model.unet, False)  # adapter k is now one of the stored ones: selected per prompt
 
     # ------------------------------------------------------------------ selection
     def concepts_in(self, prompt: str) -> list[int]:
@@ -82,20 +88,8 @@ class LoRAPerConcept(LoRASequential):
     def weights_for(self, prompt: str):
         """Within the block the K/V weights are W_init + sum of the LoRAs of the prompt's concepts."""
         chosen = self.concepts_in(prompt)
-        unet = self.model.unet
-        try:
-            with torch.no_grad():
-                for name, w0 in self._w_init.items():
-                    w = w0.clone()
-                    for k in chosen:
-                        e = self.past[k - 1]
-                        w += lora_delta(e[f"{name}.A"], e[f"{name}.B"], e[f"{name}.scaling"].item()).to(w)
-                    _base_weight(unet.get_submodule(name)).copy_(w)
+        with lora.merged(self.model.unet, [self.adapter_of(k) for k in chosen]):
             yield chosen
-        finally:
-            with torch.no_grad():
-                for name, w0 in self._w_init.items():
-                    _base_weight(unet.get_submodule(name)).copy_(w0)
 
     def generate_prompt(self, prompt: str, n: int, *, seed: int, **sample_kw) -> np.ndarray:
         with self.weights_for(prompt):

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import lora
 from ..base import T2IMethod, Task, TrainSettings, setting
+from ..lora import lora_delta, lora_pairs  # noqa: F401 (the plugin API: README, docs/adding-a-method.md)
 from ..registry import register
 
 CROSS_ATTN_KV = ["attn2.to_k", "attn2.to_v"]  # suffix match: cross-attention only, not self-attention
@@ -40,28 +42,6 @@ def lora_config(rank: int, alpha: float):
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=CROSS_ATTN_KV)
-
-
-def lora_pairs(unet) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter, float]]:
-    """Module name -> (lora_A weight (r x in), lora_B weight (out x r), scaling) of the active adapter."""
-    out = {}
-    for name, mod in unet.named_modules():
-        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
-            out[name] = (mod.lora_A["default"].weight, mod.lora_B["default"].weight, mod.scaling["default"])
-    return out
-
-
-def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """The weight update of one LoRA pair, ``scaling * B @ A`` (shape of the frozen weight)."""
-    return (b @ a) * scaling
-
-
-def add_to_weight(unet, module_name: str, delta: torch.Tensor) -> None:
-    """Fold a frozen update into the base weight of ``module_name`` (works on wrapped and plain modules)."""
-    mod = unet.get_submodule(module_name)
-    weight = mod.base_layer.weight if hasattr(mod, "base_layer") else mod.weight
-    with torch.no_grad():
-        weight += delta.to(weight.dtype)
 
 
 def freeze_all_but_token(model, token_ids: list[int]) -> torch.nn.Parameter:
@@ -90,10 +70,12 @@ class LoRASequential(T2IMethod):
 
     def __init__(self, model, settings, seed: int = 0):
         super().__init__(model, settings, seed)
-        # per finished task, flat tensor entries: "<module>.A", "<module>.B", "<module>.scaling" (a 0-d tensor) and
-        # "token" (its embedding row); subclasses may add their own (LFS-Diffusion: "icgen_context")
+        # per finished task, flat tensor entries: "<module>.A", "<module>.B", "<module>.scaling" (a 0-d tensor; the
+        # toolkit's layout, continual_bench.methods.lora) and "token" (its embedding row); subclasses may add their
+        # own (LFS-Diffusion: "icgen_context")
         self.past: list[dict[str, torch.Tensor]] = []
         self.token_rows: dict[int, torch.Tensor] = {}
+        self.adapter = "default"  # the peft adapter of the task being trained
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -113,20 +95,23 @@ class LoRASequential(T2IMethod):
 
     def _fold(self, entry: dict[str, torch.Tensor]) -> None:
         """Add a finished task's frozen product A_t B_t into the base weights."""
-        for key in [k for k in entry if k.endswith(".A")]:
-            module = key[: -len(".A")]
-            add_to_weight(self.model.unet, module, lora_delta(entry[key], entry[module + ".B"], entry[module + ".scaling"].item()))
+        lora.fold(self.model.unet, lora.factors_of(entry))
 
     # ------------------------------------------------------------------ training
     def begin_task(self, task: Task) -> None:
         super().begin_task(task)
-        torch.manual_seed(self.seed * 1000 + task.index)  # peft's gaussian init draws from the global RNG
-        self.model.unet.add_adapter(lora_config(self.settings.rank, self.settings.alpha))
+        self.add_task_adapter(task)
         self.token_id = self.model.token_id(task.token)
         self.emb = freeze_all_but_token(self.model, [self.token_id])
 
+    def add_task_adapter(self, task: Task) -> None:
+        """A fresh LoRA on the cross-attention K/V for ``task`` (seeded: peft's gaussian init draws from the global
+        RNG), named ``self.adapter``."""
+        torch.manual_seed(self.seed * 1000 + task.index)
+        lora.add_adapter(self.model.unet, lora_config(self.settings.rank, self.settings.alpha), self.adapter)
+
     def lora_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for a, b, _ in lora_pairs(self.model.unet).values() for p in (a, b)]
+        return lora.lora_parameters(self.model.unet, self.adapter)
 
     def param_groups(self) -> list[dict]:
         return [{"params": self.lora_parameters(), "lr": self.settings.lr, "weight_decay": self.settings.weight_decay},
@@ -137,9 +122,6 @@ class LoRASequential(T2IMethod):
 
     def end_task(self, task: Task) -> None:
         entry = {"token": self.emb[self.token_id].detach().clone()}
-        for name, (a, b, scaling) in lora_pairs(self.model.unet).items():
-            entry[f"{name}.A"] = a.detach().clone()
-            entry[f"{name}.B"] = b.detach().clone()
-            entry[f"{name}.scaling"] = torch.tensor(float(scaling))
+        entry.update(lora.factors_to_state(lora_pairs(self.model.unet, self.adapter)))
         self.past.append(entry)
         super().end_task(task)
