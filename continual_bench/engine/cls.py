@@ -13,7 +13,10 @@ test images with logits over all seen classes ``[0, hi_t)``: ``acc[t][i]`` = top
 is stored in the task's ``meta.json``). With ``val_fraction > 0`` a fixed per-class share of the *training*
 images is held out and evaluated instead of the test images (:func:`~continual_bench.data.cls_data.holdout_split`;
 ``train.json`` says ``eval_split: val``), so selection grids never read the test split.
-Joint methods (upper bound) train once on all classes and are evaluated per task.
+Joint methods (upper bound) train once on all classes and are evaluated per task. Before the first and after the
+last optimizer step the method may read the task's training images once, un-augmented (``before_training`` /
+``after_training``: prototypes, Gram matrices, input subspaces); a task whose ``param_groups()`` hold no parameter
+runs no optimizer step (``epochs: 0`` and ``loss_first``/``loss_last`` null in its meta.json).
 
 Augmentation (``augment``): ``flip`` (toy profile) = random horizontal flip; each image has two fixed
 views, so ``method.precompute`` (frozen-backbone features such as prompt queries) runs once per task
@@ -201,13 +204,28 @@ class TaskData:
         idx = torch.from_numpy(self.indices("test", task))
         return x[idx].float() / 255, y[idx]
 
+    def plain_batches(self, task: ClsTask, batch_size: int):
+        """The task's training images once, in order and un-augmented (in memory: the stored images, no flip;
+        ``rrc``: Resize + CenterCrop, the test transform), with their head positions: what
+        :meth:`ClsMethod.before_training` / :meth:`ClsMethod.after_training` see."""
+        if not self.in_memory:
+            yield from self.loader(task, "train", None, batch_size, plain=True)
+            return
+        x, y = self._tensor("train")
+        idx = torch.from_numpy(self.indices("train", task))
+        for i in range(0, len(idx), batch_size):
+            b = idx[i:i + batch_size]
+            yield x[b].float() / 255, y[b]
+
     # ---------------------------------------------------------------- from disk (rrc)
-    def loader(self, task: ClsTask, split: str, g: torch.Generator | None, batch_size: int):
+    def loader(self, task: ClsTask, split: str, g: torch.Generator | None, batch_size: int, plain: bool = False):
+        """``plain``: the training images in order with the test transform (a method's pass over them)."""
         from torch.utils.data import DataLoader, Dataset
         from torchvision import transforms as T
 
         size = self.spec.image_size
-        tf = (T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor()]) if split == "train" else
+        augment = split == "train" and not plain
+        tf = (T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor()]) if augment else
               T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor()]))
         src = self.train if split == "train" else self.test
         idx = self.indices(split, task)
@@ -223,7 +241,7 @@ class TaskData:
                 with Image.open(paths[i]) as im:
                     return tf(im.convert("RGB")), int(pos[i])
 
-        return DataLoader(_DS(), batch_size=batch_size, shuffle=split == "train", generator=g,
+        return DataLoader(_DS(), batch_size=batch_size, shuffle=augment, generator=g,
                           num_workers=self.spec.workers, drop_last=False, pin_memory=self.spec.device.startswith("cuda"))
 
 
@@ -255,15 +273,24 @@ def train_one_task(method: ClsMethod, task: ClsTask, data: TaskData, spec: ClsRu
     device = spec.device
     seed_everything(stable_seed("cls-train", spec.seed, task.index))
     g = torch.Generator().manual_seed(stable_seed("cls-batches", spec.seed, task.index))
-    method.begin_task(task)
-    method.to(device)
-    groups = method.param_groups()
-    params = [p for grp in groups for p in grp["params"]]
-    opt = torch.optim.Adam(groups, lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay)
-    if s.schedule not in ("cosine", "constant"):
-        raise UserError(f"cls_method_settings.{method.name}.schedule: 'cosine' or 'constant', got {s.schedule!r}")
     amp = _amp(device, s.precision)
     t0, losses = time.time(), []
+    method.begin_task(task)
+    method.to(device)
+
+    def images():  # the task's training images once, un-augmented, for the method's own passes
+        return ((x.to(device, non_blocking=True), y.to(device))
+                for x, y in data.plain_batches(task, spec.eval_batch_size))
+
+    method.eval()
+    with torch.no_grad(), amp():
+        method.before_training(task, images)
+    groups = [grp for grp in method.param_groups() if grp["params"]]
+    params = [p for grp in groups for p in grp["params"]]
+    # nothing to train in this task (a prototype or closed-form classifier): no optimizer, no steps
+    opt = torch.optim.Adam(groups, lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay) if params else None
+    if s.schedule not in ("cosine", "constant"):
+        raise UserError(f"cls_method_settings.{method.name}.schedule: 'cosine' or 'constant', got {s.schedule!r}")
     method.train()
     if data.in_memory:
         xs, ys = data.views(task)
@@ -273,8 +300,9 @@ def train_one_task(method: ClsMethod, task: ClsTask, data: TaskData, spec: ClsRu
     else:
         loader = data.loader(task, "train", g, s.batch_size)
         n_batches = len(loader)
-    epochs = task_epochs(s.epochs, s.min_steps, n_batches)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: cosine_factor(e, epochs) if s.schedule == "cosine" else 1.0)
+    epochs = task_epochs(s.epochs, s.min_steps, n_batches) if params else 0
+    factor = (lambda e: cosine_factor(e, epochs)) if s.schedule == "cosine" else (lambda e: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor) if params else None
     bar = tqdm(total=epochs * n_batches, desc=f"{method.name} task {task.index}/{len(spec.train_tasks)}",
                mininterval=5, disable=os.environ.get("CONTINUAL_BENCH_NO_TQDM") == "1")
     step = 0
@@ -308,10 +336,14 @@ def train_one_task(method: ClsMethod, task: ClsTask, data: TaskData, spec: ClsRu
         sched.step()
         bar.set_postfix(loss=f"{np.mean(losses[-n_batches:]):.4f}")
     bar.close()
+    method.eval()
+    with torch.no_grad(), amp():
+        method.after_training(task, images)
     n_trained = method.n_trained()
     method.end_task(task)
     return {"task": task.index, "classes": task.classes, "epochs": epochs, "steps": step,
-            "loss_first": float(np.mean(losses[:n_batches])), "loss_last": float(np.mean(losses[-n_batches:])),
+            "loss_first": float(np.mean(losses[:n_batches])) if losses else None,
+            "loss_last": float(np.mean(losses[-n_batches:])) if losses else None,
             "N_train": int(n_trained), "N_store": int(method.n_stored()), "seconds": round(time.time() - t0, 1)}
 
 
@@ -417,8 +449,8 @@ def train_sequence(spec: ClsRunSpec, ckpt_root: str | Path, stop_after: int | No
                                      f"({ckpt_dir}): {e}; task {t} was not saved") from None
         eval_tasks = spec.tasks if spec.method_cls.joint else spec.tasks[:t]
         meta["acc"] = evaluate_seen(method, data, spec, task.hi, eval_tasks)
-        log.info("task %d: loss %.4f -> %.4f in %.1fs; acc %s", t, meta["loss_first"], meta["loss_last"],
-                 meta["seconds"], " ".join(f"{a:.1f}" for a in meta["acc"]))
+        loss = (f"loss {meta['loss_first']:.4f} -> {meta['loss_last']:.4f}" if meta["steps"] else "no optimizer steps")
+        log.info("task %d: %s in %.1fs; acc %s", t, loss, meta["seconds"], " ".join(f"{a:.1f}" for a in meta["acc"]))
         _save_checkpoint(ckpt_dir, t, method, meta)
         metas.append(meta)
         if stop_after is not None and len(metas) >= stop_after:
