@@ -371,3 +371,25 @@ def test_inflora_threshold_schedule_and_errors():
         make("inflora", rank=17)
     with pytest.raises(UserError, match="eps_first"):
         make("inflora", eps_first=0.99, eps_last=0.98)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_logits_and_passes_stay_fp32_under_bf16_autocast(name):
+    """The engine runs the passes and evaluation under bf16 autocast on GPU (CPU autocast stands in here): prototypes,
+    Gram matrices, covariances and logits stay fp32/fp64."""
+    m = make(name, rank=2) if name == "inflora" else make(name)
+    t1, _ = tasks()
+    b = batch(t1, n=8)
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    m.begin_task(t1)
+    m.eval()
+    with torch.no_grad(), bf16():
+        m.before_training(t1, images_of((b["x"], b["y"])))
+        m.after_training(t1, images_of((b["x"], b["y"])))
+    m.end_task(t1)
+    with torch.no_grad(), bf16():
+        logits = m.logits(b["x"])
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    state = m.state_dict()
+    assert all(v.dtype in (torch.float32, torch.float64, torch.int64) for v in state.values()), \
+        {k: v.dtype for k, v in state.items()}
