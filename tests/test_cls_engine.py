@@ -46,7 +46,7 @@ def test_toy_world_is_deterministic(tmp_path):
         assert (a / f).read_bytes() == (b / f).read_bytes()
 
 
-@pytest.mark.parametrize("method", ["coda_p", "ft_pp"])
+@pytest.mark.parametrize("method", ["coda_p", "ft_pp", "simplecil", "aper", "ranpac", "inflora"])
 def test_killed_run_resumes_to_identical_accuracy_matrix(cls_world, tmp_path, method):
     s = spec(cls_world, method)
     straight = accuracy_matrix(s, train_sequence(s, tmp_path / "a"))
@@ -170,3 +170,34 @@ def test_precision_setting_and_fingerprint_of_new_settings(cls_world):
     for change in ({"precision": "fp32"}, {"key_loss": "coda_p"}, {"val_fraction": 0.5}):
         assert spec(cls_world, "l2p_pp", **change).fingerprint() != base, change
     assert spec(cls_world, "dualprompt", test_keys="pool").fingerprint() != spec(cls_world, "dualprompt").fingerprint()
+
+
+def test_untrained_tasks_take_no_step_and_the_passes_see_each_training_image_once(cls_world, tmp_path, monkeypatch):
+    """A task whose param_groups() hold no parameter runs no optimizer step (SimpleCIL; APER after its first task);
+    before_training / after_training read every training image of the task once, un-augmented (no flip)."""
+    from continual_bench.engine.cls import TaskData
+    from continual_bench.methods.cls.simplecil import SimpleCIL
+
+    seen = []
+    original = SimpleCIL.after_training
+
+    def recording(self, task, images):
+        batches = list(images())
+        seen.append((task.index, torch.cat([x for x, _ in batches]).cpu(), torch.cat([y for _, y in batches]).cpu()))
+        return original(self, task, images)
+
+    monkeypatch.setattr(SimpleCIL, "after_training", recording)
+    s = spec(cls_world, "simplecil")
+    metas = train_sequence(s, tmp_path / "s")
+    assert [(m["epochs"], m["steps"], m["loss_first"], m["N_train"]) for m in metas] == [(0, 0, None, 0)] * 2
+    data = TaskData(s)
+    for (index, x, y), task in zip(seen, s.tasks):
+        assert index == task.index
+        xs, ys = data.views(task)  # the fixed training views: originals first, then their flips
+        n = len(xs) // 2
+        torch.testing.assert_close(x, xs[:n], rtol=0, atol=0)
+        assert torch.equal(y, ys[:n]) and set(y.tolist()) == set(range(task.lo, task.hi))
+    assert all(not np.isnan(a) for m in metas for a in m["acc"])
+    metas = train_sequence(spec(cls_world, "aper"), tmp_path / "a")
+    assert [(m["epochs"], m["steps"]) for m in metas] == [(2, 4), (0, 0)]
+    assert metas[0]["N_train"] > 0 and metas[1]["N_train"] == 0 and metas[1]["loss_last"] is None

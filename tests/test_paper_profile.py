@@ -38,7 +38,8 @@ SPLITS_URL = "raw.githubusercontent.com/GT-RIPL/CODA-Prompt/6417d4f68754be68b697
 T2I_METHODS = ["textual_inversion", "dreambooth", "lora_sequential", "custom_diffusion", "custom_diffusion_merge",
                "custom_diffusion_ewc", "generative_replay", "c_lora", "lfs_diffusion", "lfs_diffusion_no_icgen",
                "joint", "lora_per_concept"]
-CLS_METHODS = ["upper_bound", "ft", "ft_pp", "lwf", "l2p", "l2p_pp", "dualprompt", "coda_p", "c_lora"]
+CLS_METHODS = ["upper_bound", "ft", "ft_pp", "lwf", "l2p", "l2p_pp", "dualprompt", "coda_p", "c_lora",
+               "simplecil", "aper", "ranpac", "inflora"]
 
 
 def _env() -> dict:
@@ -326,7 +327,7 @@ def test_fetch_and_prepare_fakes_give_the_toy_layout(fakes, tmp_path, tiny_world
 EXPECTED_JOBS = {"fetch_dataset": 3, "fetch_model": 4, "paper_judge": 1, "prepare_celeba_hq": 1,
                  "select_gldv2_waterfalls": 1, "fetch_gldv2_images": 1, "prepare_gldv2_waterfalls": 1,
                  "prepare_imagenet_r": 1, "train": 2 * 12 * 3, "generate": 2 * 12 * 3, "evaluate": 2 * 12 * 3,
-                 "train_cls": 9 * 3 * 3, "tables": 1}
+                 "train_cls": 13 * 3 * 3, "tables": 1}
 
 
 def test_config_values_never_run_as_shell_code(fakes, tmp_path):
@@ -379,7 +380,8 @@ def test_paper_config_names_every_method_and_valid_settings():
 
 
 # A comment that names where a value comes from: a paper or code that was read, REFERENCE.md, or a project choice.
-CLS_SOURCE = re.compile(r"CODA-P|C-LoRA|L2P|DualPrompt|Li & Hoiem|REFERENCE|project|paper_clora_lambda")
+CLS_SOURCE = re.compile(r"CODA-P|C-LoRA|L2P|DualPrompt|Li & Hoiem|REFERENCE|project|paper_clora_lambda|RevisitingCIL|"
+                        r"RanPAC|InfLoRA")
 
 
 def cls_setting_comments(text: str) -> dict[tuple[str, str], str]:
@@ -448,8 +450,8 @@ def test_cls_source_check_fails_on_a_toy_default_or_a_missing_source():
     assert problems == ["cls/c_lora.lam: not set in config/paper.yaml, so ImageNet-R runs the Settings default 10000.0 "
                         "(the toy profile's value); set it with a comment naming its source"]
     problems = cls_source_problems(text.replace("  min_steps: 0              # CODA-P counts epochs only", "  min_steps: 0 #"))
-    assert len(problems) == 9 and all(".min_steps: cls_train.min_steps in config/paper.yaml has no comment" in p
-                                      for p in problems)
+    assert len(problems) == len(CLS_METHODS)
+    assert all(".min_steps: cls_train.min_steps in config/paper.yaml has no comment" in p for p in problems)
 
 
 def test_paper_dag_plans_every_job(tmp_path):

@@ -13,7 +13,10 @@ test images with logits over all seen classes ``[0, hi_t)``: ``acc[t][i]`` = top
 is stored in the task's ``meta.json``). With ``val_fraction > 0`` a fixed per-class share of the *training*
 images is held out and evaluated instead of the test images (:func:`~continual_bench.data.cls_data.holdout_split`;
 ``train.json`` says ``eval_split: val``), so selection grids never read the test split.
-Joint methods (upper bound) train once on all classes and are evaluated per task.
+Joint methods (upper bound) train once on all classes and are evaluated per task. Before the first and after the
+last optimizer step the method may read the task's training images once, un-augmented (``before_training`` /
+``after_training``: prototypes, Gram matrices, input subspaces); a task whose ``param_groups()`` hold no parameter
+runs no optimizer step (``epochs: 0`` and ``loss_first``/``loss_last`` null in its meta.json).
 
 Augmentation (``augment``): ``flip`` (toy profile) = random horizontal flip; each image has two fixed
 views, so ``method.precompute`` (frozen-backbone features such as prompt queries) runs once per task
@@ -187,13 +190,28 @@ class TaskData:
         idx = torch.from_numpy(self.indices("test", task))
         return x[idx].float() / 255, y[idx]
 
+    def plain_batches(self, task: ClsTask, batch_size: int):
+        """The task's training images once, in order and un-augmented (in memory: the stored images, no flip;
+        ``rrc``: Resize + CenterCrop, the test transform), with their head positions: what
+        :meth:`ClsMethod.before_training` / :meth:`ClsMethod.after_training` see."""
+        if not self.in_memory:
+            yield from self.loader(task, "train", None, batch_size, plain=True)
+            return
+        x, y = self._tensor("train")
+        idx = torch.from_numpy(self.indices("train", task))
+        for i in range(0, len(idx), batch_size):
+            b = idx[i:i + batch_size]
+            yield x[b].float() / 255, y[b]
+
     # ---------------------------------------------------------------- from disk (rrc)
-    def loader(self, task: ClsTask, split: str, g: torch.Generator | None, batch_size: int):
+    def loader(self, task: ClsTask, split: str, g: torch.Generator | None, batch_size: int, plain: bool = False):
+        """``plain``: the training images in order with the test transform (a method's pass over them)."""
         from torch.utils.data import DataLoader, Dataset
         from torchvision import transforms as T
 
         size = self.spec.image_size
-        tf = (T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor()]) if split == "train" else
+        augment = split == "train" and not plain
+        tf = (T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor()]) if augment else
               T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor()]))
         src = self.train if split == "train" else self.test
         idx = self.indices(split, task)
@@ -209,7 +227,7 @@ class TaskData:
                 with Image.open(paths[i]) as im:
                     return tf(im.convert("RGB")), int(pos[i])
 
-        return DataLoader(_DS(), batch_size=batch_size, shuffle=split == "train", generator=g,
+        return DataLoader(_DS(), batch_size=batch_size, shuffle=augment, generator=g,
                           num_workers=self.spec.workers, drop_last=False, pin_memory=self.spec.device.startswith("cuda"))
 
 
@@ -235,13 +253,23 @@ def train_one_task(method: ClsMethod, task: ClsTask, data: TaskData, spec: ClsRu
     s = method.settings
     device = spec.device
     g = seed_task("cls-", spec.seed, task.index)
+    amp = amp_context(device, s.precision)
+    t0 = time.time()  # the task's seconds include the method's own passes and the precomputed features
     method.begin_task(task)
     method.to(device)
-    groups = method.param_groups()
-    opt = torch.optim.Adam(groups, lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay)
+
+    def images():  # the task's training images once, un-augmented, for the method's own passes
+        return ((x.to(device, non_blocking=True), y.to(device))
+                for x, y in data.plain_batches(task, spec.eval_batch_size))
+
+    method.eval()
+    with torch.no_grad(), amp():
+        method.before_training(task, images)
+    groups = [grp for grp in method.param_groups() if grp["params"]]
+    # nothing to train in this task (a prototype or closed-form classifier): no optimizer, no steps
+    opt = torch.optim.Adam(groups, lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay) if groups else None
     if s.schedule not in ("cosine", "constant"):
         raise UserError(f"cls_method_settings.{method.name}.schedule: 'cosine' or 'constant', got {s.schedule!r}")
-    t0 = time.time()  # the task's seconds include the precomputed features
     method.train()
     if data.in_memory:
         xs, ys = data.views(task)
@@ -251,8 +279,9 @@ def train_one_task(method: ClsMethod, task: ClsTask, data: TaskData, spec: ClsRu
     else:
         loader = data.loader(task, "train", g, s.batch_size)
         n_batches = len(loader)
-    epochs = task_epochs(s.epochs, s.min_steps, n_batches)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: cosine_factor(e, epochs) if s.schedule == "cosine" else 1.0)
+    epochs = task_epochs(s.epochs, s.min_steps, n_batches) if opt else 0
+    factor = (lambda e: cosine_factor(e, epochs)) if s.schedule == "cosine" else (lambda e: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor) if opt else None
     loop = TaskLoop(method, task, opt, groups, device=device, precision=s.precision, max_grad_norm=s.max_grad_norm,
                     total_steps=epochs * n_batches, desc=f"{method.name} task {task.index}/{len(spec.train_tasks)}", started=t0)
     step = 0
@@ -273,6 +302,9 @@ def train_one_task(method: ClsMethod, task: ClsTask, data: TaskData, spec: ClsRu
             step += 1
         sched.step()
         loop.show_loss(n_batches)
+    method.eval()
+    with torch.no_grad(), amp():
+        method.after_training(task, images)
     return {"task": task.index, "classes": task.classes, "epochs": epochs, "steps": step,
             **loop.finish(first=n_batches, last=n_batches)}
 

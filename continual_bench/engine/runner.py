@@ -251,8 +251,9 @@ def train_sequence(spec: BaseRunSpec, ckpt_root: str | Path, stop_after: int | N
             meta = train_task(method, task)
         except FloatingPointError as e:  # nothing of this task is saved: a rerun starts it again
             raise FloatingPointError(f"run {spec.name()} ({ckpt.root}): {e}; task {t} was not saved") from None
-        log.info("task %s: loss %.4f -> %.4f in %.1fs%s", spec.task_label(task), meta["loss_first"], meta["loss_last"],
-                 meta["seconds"], spec.result_note(meta))
+        loss = (f"loss {meta['loss_first']:.4f} -> {meta['loss_last']:.4f}" if meta["loss_first"] is not None
+                else "no optimizer steps")
+        log.info("task %s: %s in %.1fs%s", spec.task_label(task), loss, meta["seconds"], spec.result_note(meta))
         ckpt.save(t, method, meta)
         metas.append(meta)
         if stop_after is not None and len(metas) >= stop_after:
@@ -305,10 +306,12 @@ class TaskLoop:
     def finish(self, first: int, last: int) -> dict:
         """End the task; its record: mean loss of the ``first`` / ``last`` steps, N_train, N_store, seconds."""
         self.bar.close()
-        if not self.losses:
+        if not self.losses and self.params:
             raise FloatingPointError(f"method {self.method.name}: no training step at task {self.task.index}")
         n_trained = self.method.n_trained()
         self.method.end_task(self.task)
-        return {"loss_first": float(np.mean(self.losses[:first])), "loss_last": float(np.mean(self.losses[-last:])),
+        # a task with nothing to train (a prototype or closed-form classifier) has no loss: null in its meta.json
+        mean = (lambda xs: float(np.mean(xs))) if self.losses else (lambda xs: None)
+        return {"loss_first": mean(self.losses[:first]), "loss_last": mean(self.losses[-last:]),
                 "N_train": int(n_trained), "N_store": int(self.method.n_stored()),
                 "seconds": round(time.time() - self.t0, 1)}

@@ -7,9 +7,12 @@ a freshly loaded backbone for every task and brought to the state after task t-1
     method = Method(backbone, settings, seed, n_classes, n_tasks)   # frozen ViT as loaded from disk + a head
     method.load_state(state_after_t-1, tasks[:t-1])                 # skipped for t = 1
     method.begin_task(task)                                          # new prompts/adapters, snapshot a teacher...
+    method.before_training(task, images)    # optional: one pass over the task's training images (InfLoRA's subspace)
     cache = method.precompute(views)        # optional: per-image features of the *frozen* backbone (queries)
     for epoch, batch: loss = method.loss(batch)['loss']             # the method's training objective
                       Adam over method.param_groups(), cosine schedule per epoch (CODA-P)
+                      (no parameter in param_groups(): no optimizer, no step)
+    method.after_training(task, images)     # optional: one pass after training (prototypes, Gram matrices...)
     method.end_task(task)                                            # freeze components, store the task's LoRA...
     state = method.state_dict()                                      # everything that rebuilds the model (safetensors)
     logits = method.logits(x, cache)                                 # evaluation (the engine slices seen classes)
@@ -19,6 +22,13 @@ the classes seen so far are ``[0, task.hi)``. The default :meth:`ClsMethod.loss`
 seen classes; with ``mask_past = True`` the past classes' logits are set to -inf first (CODA-P's prompt
 learners and FT++: ``logits[:, :last_valid_out_dim] = -inf``), so only the current task's outputs compete
 and past head rows get no gradient.
+
+``images()`` (the two pass hooks) returns a fresh iterator of ``(x, y)`` batches over the current task's training
+images, each image once, in a fixed order and without augmentation (``flip``/``none``: the stored image;
+``rrc``: Resize + CenterCrop, the test transform), ``y`` = head positions, on the run's device. The engine calls
+both hooks in eval mode, without gradients and under the run's autocast. A method that trains nothing in a task
+(SimpleCIL; APER and RanPAC after their first task) returns no parameter from :meth:`ClsMethod.param_groups` and
+builds its classifier in :meth:`ClsMethod.after_training`.
 
 Hyper-parameters are a dataclass ``Settings`` (defaults = toy profile); the config's
 ``cls_method_settings.<name>`` overrides its fields; an unknown key is an error naming it
@@ -141,8 +151,15 @@ class ClsMethod:
     def begin_task(self, task: ClsTask) -> None:
         self.current = task
 
+    def before_training(self, task: ClsTask, images) -> None:  # noqa: ARG002 - hook
+        """After :meth:`begin_task`, before :meth:`param_groups`: ``images()`` iterates over the task's training
+        images once (see the module docstring). Default: nothing."""
+
+    def after_training(self, task: ClsTask, images) -> None:  # noqa: ARG002 - hook
+        """After the last optimizer step (or none), before :meth:`end_task` and evaluation. Default: nothing."""
+
     def param_groups(self) -> list[dict]:
-        """What the optimizer trains (default: the head only)."""
+        """What the optimizer trains (default: the head only). No parameter at all: the task runs no step."""
         return [{"params": list(self.head.parameters())}]
 
     def features(self, x: torch.Tensor, cache: dict | None = None, train: bool = False) -> torch.Tensor:
