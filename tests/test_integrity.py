@@ -301,3 +301,15 @@ def test_plugin_calling_sys_exit_is_reported_and_the_others_listed(tmp_path):
     res = subprocess.run([sys.executable, "-m", "continual_bench", "methods"], capture_output=True, text=True, env=env)
     assert "lora_sequential" in res.stdout and "coda_p" in res.stdout
     assert "plugin bad (bad_plugin) failed to load: SystemExit" in res.stderr
+
+
+def test_toy_lengths_uses_toy_full_settings_and_world():
+    """config/toy_lengths.yaml changes only the lengths and the method list: a difference from toy_full would make its
+    10-task cells disagree with results/toy_full for reasons other than the sequence length."""
+    full = yaml.safe_load((REPO / "config" / "toy_full.yaml").read_text())
+    lengths = yaml.safe_load((REPO / "config" / "toy_lengths.yaml").read_text())
+    assert lengths["n_tasks"] == [5, 10, 20] and set(lengths["methods"]) <= set(full["methods"])
+    assert lengths["toy"] == full["toy"] and lengths["evaluation"] == full["evaluation"]
+    assert set(lengths["method_settings"]) == set(lengths["methods"])
+    for method, settings in lengths["method_settings"].items():
+        assert settings == full["method_settings"][method], method

@@ -343,3 +343,59 @@ def test_tradeoff_plot_points_floor_and_references(tmp_path):
     assert paths[1].read_bytes() == first
     with pytest.raises(UserError, match="P_clip"):
         tradeoff_plot(df, tmp_path / "x.png", "clip")
+
+
+def _t2i_lengths_frame() -> pd.DataFrame:
+    """Two methods at 5 and 10 tasks, 3 seeds: c_lora forgets less, and both forget more on the longer sequence."""
+    rows = []
+    for n in (5, 10):
+        for m, (p, a, f, fm) in {"lora_sequential": (0.9, 0.3, 0.6, 3000.0), "c_lora": (0.8, 0.6, 0.2, 500.0)}.items():
+            for s in range(3):
+                grow = 1.0 if n == 5 else 1.5
+                for metric, v in (("P_oracle", p), ("A_oracle", a / grow), ("F_oracle", f * grow), ("F_mmd", fm * grow)):
+                    rows.append(dict(track="t2i", benchmark="toy_faces", n_tasks=n, method=m, seed=s, metric=metric,
+                                     value=v + 0.01 * s))
+    return pd.DataFrame(rows)
+
+
+def test_combined_t2i_table_only_with_several_lengths(tmp_path):
+    per_seed = _t2i_lengths_frame()
+    written = [p.name for p in write_tables(summarize(per_seed), tmp_path / "t", per_seed_df=per_seed)]
+    assert "toy_faces_combined.tex" in written and "toy_faces_T10.csv" in written
+    tex = (tmp_path / "t" / "toy_faces_combined.tex").read_text()
+    assert r"\multicolumn{4}{c}{5 tasks} & \multicolumn{4}{c}{10 tasks}" in tex
+    combined = pd.read_csv(tmp_path / "t" / "toy_faces_combined.csv").set_index("method")
+    assert combined.loc["c_lora", "F_oracle_T10"] == pytest.approx(0.2 * 1.5 + 0.01)  # + mean(0, .01, .02)
+    assert combined.loc["lora_sequential", "F_mmd_T5"] == pytest.approx(3000.01)
+    # one length: no combined text-to-image table (the committed single-length results keep their files)
+    one = per_seed[per_seed.n_tasks == 5]
+    assert not any("combined" in p.name for p in write_tables(summarize(one), tmp_path / "one", per_seed_df=one))
+
+
+def test_lengths_plot_one_panel_per_metric_and_floor(tmp_path):
+    from continual_bench.reporting.figures import lengths_plot
+
+    df = _t2i_lengths_frame()
+    asked = []
+    paths = lengths_plot(df, tmp_path / "l.png", ("P_oracle", "A_oracle", "F_oracle"),
+                         floors=lambda m, n: asked.append((m, n)) or 0.05)
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and paths[0].stat().st_size > 5000
+    assert ("F_oracle", 5) in asked and ("F_oracle", 10) in asked  # the floor of each length's F column
+    with pytest.raises(UserError, match="P_clip"):
+        lengths_plot(df, tmp_path / "x.png", ("P_clip", "F_clip"))
+
+
+def test_report_draws_the_lengths_figure_for_several_lengths(tmp_path):
+    from continual_bench.reporting.report import build_report
+
+    header = "track,benchmark,n_tasks,method,seed,metric,value,config_hash,git_commit,packages,continual_bench,python\n"
+    paths = []
+    for (n, method, seed), g in _t2i_lengths_frame().groupby(["n_tasks", "method", "seed"]):
+        p = tmp_path / "runs" / "toy_faces" / f"T{n}" / method / f"seed{seed}" / "metrics.csv"
+        p.parent.mkdir(parents=True)
+        p.write_text(header + "".join(f"t2i,toy_faces,{n},{method},{seed},{r.metric},{r.value}{EXTRA}\n"
+                                      for r in g.itertuples()))
+        paths.append(p)
+    written = {p.name for p in build_report(tmp_path, metric_paths=paths, noise_floor_paths=[])}
+    assert {"lengths_toy_faces_oracle.png", "lengths_toy_faces_mmd.png", "toy_faces_combined.tex"} <= written
+    assert "lengths_toy_faces_clip.png" not in written  # no CLIP metric in these runs

@@ -98,6 +98,7 @@ def build_report(run_dir: str | Path, metric_paths: list[str | Path] | None = No
                             reference_df=load_reference(reference_dir), noise_floor=floor)
     figures = run_dir / "figures" / "summary"
     written += _tradeoffs(per_seed, floor, figures)
+    written += _lengths(per_seed, floor, figures)
     r_paths = [p.parent / "R.csv" for p in paths if (p.parent / "R.csv").is_file()]
     if r_paths:
         from ..run_files import read_csv
@@ -119,6 +120,26 @@ def build_report(run_dir: str | Path, metric_paths: list[str | Path] | None = No
 
 
 TRADEOFF_METRICS = {"t2i": ("oracle", "clip"), "cls": ("N",)}
+LENGTHS_METRICS = ("oracle", "mmd", "clip")  # text-to-image: P_, A_ and F_ of each against the sequence length
+
+
+def _lengths(per_seed: pd.DataFrame, floor, figures: Path) -> list[Path]:
+    """Text-to-image benchmarks run at several sequence lengths: ``lengths_<benchmark>_<metric>.png``, P / A / F
+    against the length, one line per method, the noise floor of each length's F column shaded."""
+    from ..evaluation.noise_floor import floor_of_column
+    from .figures import lengths_plot
+
+    written = []
+    for bench, sub in per_seed[per_seed.track == "t2i"].groupby("benchmark"):
+        if sub.n_tasks.nunique() < 2:
+            continue
+        seeds_at = sub.groupby("n_tasks").apply(lambda g: int(g.groupby("method")["seed"].nunique().min()))
+        for metric in LENGTHS_METRICS:
+            cols = tuple(f"{agg}_{metric}" for agg in ("P", "A", "F"))
+            if (sub.metric.isin(cols)).any():
+                written += lengths_plot(sub, figures / f"lengths_{bench}_{metric}.png", cols,
+                                        floors=lambda m, n, b=bench: floor_of_column(floor, b, m, n, seeds_at[n]))
+    return written
 
 
 def _tradeoffs(per_seed: pd.DataFrame, floor, figures: Path) -> list[Path]:

@@ -367,18 +367,25 @@ def write_tables(summary_df: pd.DataFrame, out_dir: Path, per_seed_df: pd.DataFr
                             labels=_seed_labels({m: str(n) for m, n in _seeds_per_method(group).items()}))
         written += [csv_path, *_write_tex_html(out_dir, stem, tex, html_table)]
 
-    for benchmark, group in summary_df[summary_df.track == "cls"].groupby("benchmark", sort=True):
-        written += _write_combined(group, benchmark, out_dir, seeds, reference_for(reference_df, "cls", benchmark))
+    for (track, benchmark), group in summary_df.groupby(["track", "benchmark"], sort=True):
+        if track == "cls" or group.n_tasks.nunique() > 1:  # text-to-image: only where several lengths ran
+            written += _write_combined(group, track, benchmark, out_dir, seeds,
+                                       reference_for(reference_df, track, benchmark), noise_floor)
     return written
 
 
-COMBINED_METRICS = ["A_N", "F_N"]
+# the sequence lengths side by side: classification as CODA-Prompt's table; text-to-image learning, what is left at
+# the end and forgetting by the oracle, and forgetting by KID
+COMBINED_METRICS = {"cls": ["A_N", "F_N"], "t2i": ["P_oracle", "A_oracle", "F_oracle", "F_mmd"]}
 
 
-def _write_combined(group: pd.DataFrame, benchmark: str, out_dir: Path, seeds, ref: pd.DataFrame) -> list[Path]:
-    """Classification: A_N and F_N for every sequence length side by side (CODA-Prompt's table layout)."""
+def _write_combined(group: pd.DataFrame, track: str, benchmark: str, out_dir: Path, seeds, ref: pd.DataFrame,
+                    noise_floor: pd.DataFrame | None = None) -> list[Path]:
+    """The track's :data:`COMBINED_METRICS` for every sequence length side by side (``<benchmark>_combined``)."""
+    from ..evaluation.noise_floor import floor_of_column
+
     lengths = sorted(int(n) for n in group.n_tasks.unique())
-    metrics = [m for m in COMBINED_METRICS if m in set(group.metric)]
+    metrics = [m for m in COMBINED_METRICS[track] if m in set(group.metric)]
     if not metrics:
         return []
     methods = list(pd.unique(group["method"]))
@@ -412,10 +419,16 @@ def _write_combined(group: pd.DataFrame, benchmark: str, out_dir: Path, seeds, r
     with atomic_path(csv_path) as tmp:
         flat.to_csv(tmp, index=False)
     n_seeds = group["n_seeds"]
-    tex, html_table = _styled_tables(mean, std, lambda c: c[1], lambda c: seeds("cls", benchmark, c[0]),
+
+    def floor_of(col):  # the floor of that length's column, for the fewest seeds any method has there
+        n_at = group[group.n_tasks == col[0]]["n_seeds"]
+        return floor_of_column(noise_floor, benchmark, col[1], col[0], int(n_at.min())) if len(n_at) else None
+
+    tex, html_table = _styled_tables(mean, std, lambda c: c[1], lambda c: seeds(track, benchmark, c[0]),
                         _ref_cells(ref, cols, lambda c: c[1], lambda c: c[0], benchmark),
                         caption=_caption(benchmark, lengths, n_seeds), label=f"tab:{benchmark}_combined",
-                        header=_header("cls", f"{benchmark} / T={lengths}", seeds("cls", benchmark, lengths[0]) is not None, ref),
+                        header=_header(track, f"{benchmark} / T={lengths}", seeds(track, benchmark, lengths[0]) is not None, ref),
+                        floor_of=floor_of,
                         labels=_seed_labels({m: "/".join("-" if pd.isna(seed_counts[n][m]) else str(int(seed_counts[n][m]))
                                                          for n in lengths) for m in methods}))
     return [csv_path, *_write_tex_html(out_dir, f"{benchmark}_combined", tex, html_table)]
