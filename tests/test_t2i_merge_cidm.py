@@ -1,8 +1,10 @@
 """The three merging baselines of Staniszewski et al. (arXiv 2410.04891) and CIDM (Dong et al., NeurIPS 2024): each
 central equation on hand-made tensors, and through the method with hand-set LoRA factors (the engine's
 fresh-model-per-task path)."""
+import copy
 import math
 
+import pytest
 import torch
 
 from continual_bench.backbones.model import T2IModel
@@ -53,6 +55,16 @@ def test_cidm_ewa_weights():
 
 
 # ----------------------------------------------------------------------------------- through the methods
+@pytest.fixture(scope="module")
+def proto(tiny_pipeline):
+    """The tiny pipeline loaded once; every model is a deep copy (as a fresh from_pretrained, cheaper)."""
+    return T2IModel.from_pretrained(tiny_pipeline)
+
+
+def _fresh(proto):
+    return T2IModel(copy.deepcopy(proto.pipe), proto.device)
+
+
 def _task(i):
     return Task(index=i, concept=f"c{i}", token=f"<v{i}>", prompt=f"a photo of <v{i}>", images=torch.empty(0),
                 class_word="person")
@@ -65,7 +77,7 @@ def _run(pipe, name, set_pair, **kw):
     settings = build_settings(cls.Settings, {"rank": 2, "alpha": 2.0, **kw}, name)  # scaling 1
     tasks, state = [_task(1), _task(2)], {}
     for k, t in enumerate(tasks, start=1):
-        m = cls(T2IModel.from_pretrained(pipe), settings, seed=0)
+        m = cls(_fresh(pipe), settings, seed=0)
         m.load_state(state, tasks[: k - 1])
         m.begin_task(t)
         pairs = lora_pairs(m.model.unet, m.adapter)
@@ -74,7 +86,7 @@ def _run(pipe, name, set_pair, **kw):
                 set_pair(k, a, b)
         m.end_task(t)
         state = m.state_dict()
-    fresh = cls(T2IModel.from_pretrained(pipe), settings, seed=0)
+    fresh = cls(_fresh(pipe), settings, seed=0)
     fresh.load_state(state, tasks)
     return fresh, m, next(iter(pairs))
 
@@ -84,7 +96,7 @@ def _w(m, name):
 
 
 def _w0(pipe, name):
-    return base_weight(T2IModel.from_pretrained(pipe).unet.get_submodule(name)).detach().clone()
+    return base_weight(pipe.unet.get_submodule(name)).detach().clone()
 
 
 def _hand_pair(k, a, b):
@@ -92,17 +104,17 @@ def _hand_pair(k, a, b):
     b.zero_()[0, :] = float(k) * (1 if k == 1 else -1)  # ... of row 0: task 1 writes +2, task 2 writes -4
 
 
-def test_consecutive_and_magnitude_methods_fold_as_their_equations(tiny_pipeline):
+def test_consecutive_and_magnitude_methods_fold_as_their_equations(proto):
     for name, expected in (("lora_merge_consecutive", 2.0 - 4.0), ("lora_merge_magnitude", -4.0)):
-        fresh, live, mod = _run(tiny_pipeline, name, _hand_pair)
-        want = _w0(tiny_pipeline, mod)
+        fresh, live, mod = _run(proto, name, _hand_pair)
+        want = _w0(proto, mod)
         want[0, 0] += expected
         assert torch.allclose(_w(fresh, mod), want, atol=1e-6), name
         assert torch.equal(_w(fresh, mod), _w(live, mod)), name  # live and resumed: the same bits
         assert sorted(k for k in fresh.state_dict() if k.startswith("task")) == ["task1.token", "task2.token"]
 
 
-def test_orthogonal_method_inits_a_orthogonally_and_passes_the_product_of_sums(tiny_pipeline):
+def test_orthogonal_method_inits_a_orthogonally_and_passes_the_product_of_sums(proto):
     seen = {}
 
     def pair(k, a, b):
@@ -111,25 +123,25 @@ def test_orthogonal_method_inits_a_orthogonally_and_passes_the_product_of_sums(t
             a.zero_()[:, 0] = 1.0
         b.zero_()[0, :] = 1.0  # B_k: ones in row 0; A_2 keeps its orthogonal init
 
-    fresh, live, mod = _run(tiny_pipeline, "lora_merge_orthogonal", pair)
+    fresh, live, mod = _run(proto, "lora_merge_orthogonal", pair)
     a1 = torch.zeros_like(seen[2])
     a1[:, 0] = 1.0
     assert torch.allclose((seen[2] * a1).sum(0), torch.zeros(a1.shape[1]), atol=1e-6)  # column-wise orthogonal
     assert torch.allclose(seen[2].norm(dim=0), torch.ones(a1.shape[1]), atol=1e-6)
-    b = torch.zeros(_w0(tiny_pipeline, mod).shape[0], 2)
+    b = torch.zeros(_w0(proto, mod).shape[0], 2)
     b[0, :] = 1.0
-    want = _w0(tiny_pipeline, mod) + (b + b) @ (a1 + seen[2])  # W_0 + (B1 + B2)(A1 + A2): cross terms included
+    want = _w0(proto, mod) + (b + b) @ (a1 + seen[2])  # W_0 + (B1 + B2)(A1 + A2): cross terms included
     assert torch.allclose(_w(fresh, mod), want, atol=1e-5) and torch.equal(_w(fresh, mod), _w(live, mod))
 
 
-def test_cidm_generation_uses_the_ewa_aggregate(tiny_pipeline):
+def test_cidm_generation_uses_the_ewa_aggregate(proto):
     def pair(k, a, b):
         a.zero_()[:, 0] = 1.0
         b.zero_()[0, :] = float(k)  # s B_k A_k = 2k at [0, 0]
 
-    fresh, _live, mod = _run(tiny_pipeline, "cidm", pair)
+    fresh, _live, mod = _run(proto, "cidm", pair)
     w0 = _w(fresh, mod)
-    assert torch.equal(w0, _w0(tiny_pipeline, mod))
+    assert torch.equal(w0, _w0(proto, mod))
     gamma = fresh.ewa("a photo of <v2>")
     assert math.isclose(gamma.sum().item(), 1.0, rel_tol=1e-6) and gamma.shape == (2,)
     with fresh.weights_for("a photo of <v2>"):
