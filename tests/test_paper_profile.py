@@ -37,7 +37,8 @@ PAPER = REPO / "config" / "paper.yaml"
 SPLITS_URL = "raw.githubusercontent.com/GT-RIPL/CODA-Prompt/6417d4f68754be68b697c7ca2323ee61e791e1a3/dataloaders/splits"
 T2I_METHODS = ["textual_inversion", "dreambooth", "lora_sequential", "custom_diffusion", "custom_diffusion_merge",
                "custom_diffusion_ewc", "generative_replay", "c_lora", "lfs_diffusion", "lfs_diffusion_no_icgen",
-               "joint", "lora_per_concept"]
+               "joint", "lora_per_concept", "lora_merge_consecutive", "lora_merge_orthogonal", "lora_merge_magnitude",
+               "cidm"]
 CLS_METHODS = ["upper_bound", "ft", "ft_pp", "lwf", "l2p", "l2p_pp", "dualprompt", "coda_p", "c_lora",
                "simplecil", "aper", "ranpac", "inflora"]
 
@@ -326,7 +327,7 @@ def test_fetch_and_prepare_fakes_give_the_toy_layout(fakes, tmp_path, tiny_world
 # --------------------------------------------------------------------------------------- planning (dry runs)
 EXPECTED_JOBS = {"fetch_dataset": 3, "fetch_model": 4, "paper_judge": 1, "prepare_celeba_hq": 1,
                  "select_gldv2_waterfalls": 1, "fetch_gldv2_images": 1, "prepare_gldv2_waterfalls": 1,
-                 "prepare_imagenet_r": 1, "train": 2 * 12 * 3, "generate": 2 * 12 * 3, "evaluate": 2 * 12 * 3,
+                 "prepare_imagenet_r": 1, "train": 2 * 16 * 3, "generate": 2 * 16 * 3, "evaluate": 2 * 16 * 3,
                  "train_cls": 13 * 3 * 3, "tables": 1}
 
 

@@ -14,6 +14,10 @@ from continual_bench.methods.registry import get_method
 
 FAST = {  # toy-of-the-toy settings: a few sampler steps
     "lora_per_concept": {},
+    "lora_merge_consecutive": {},
+    "lora_merge_orthogonal": {},
+    "lora_merge_magnitude": {},
+    "cidm": {},
     "generative_replay": {"n_replay": 2, "replay_steps": 2},
     "custom_diffusion_merge": {"ridge": 1e-4},  # random-weight test encoder: G needs a ridge
     "lfs_diffusion": {"kd_timesteps": 3, "kd_n_traj": 1, "kd_batch": 2, "icgen_steps": 2, "icgen_n_context": 2},
