@@ -38,10 +38,9 @@ from typing import Callable, ClassVar, Iterable
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from ..run_files import META, STATE, load_state, read_json, state_problem
-from ..utils import UserError, atomic_write_json, config_hash, file_sha256, seed_everything, stable_seed
+from ..utils import UserError, atomic_write_json, config_hash, file_sha256, progress, seed_everything, stable_seed
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +56,6 @@ def amp_context(device: str, precision: str = "bf16") -> Callable:
     if device.startswith("cuda") and precision == "bf16":
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext
-
-
-def progress(total: int, desc: str) -> tqdm:
-    """A tqdm bar (every 5 s at most); ``CONTINUAL_BENCH_NO_TQDM=1`` switches it off (the tests)."""
-    return tqdm(total=total, desc=desc, mininterval=5, disable=os.environ.get("CONTINUAL_BENCH_NO_TQDM") == "1")
 
 
 def seed_task(prefix: str, seed: int, task_index: int) -> torch.Generator:
@@ -276,7 +270,7 @@ class TaskLoop:
         self.max_grad_norm = max_grad_norm
         self.losses: list[float] = []
         self.t0 = time.time() if started is None else started  # the task's seconds count from here
-        self.bar = progress(total_steps, desc)
+        self.bar = progress(total=total_steps, desc=desc)
 
     def step(self, batches: Iterable[dict], where: str, accum: int = 1) -> float:
         """One optimizer step: ``method.loss`` on each batch (``accum`` of them, their losses divided by ``accum``;
