@@ -208,6 +208,43 @@ def cmd_compare(a) -> int:
     return 1 if df.verdict.isin(["differs", "missing"]).any() else 0
 
 
+@command("bench", "time our training and sampling paths beside the field's reference recipes "
+                  "(results/bench/<host>.csv; random weights, nothing downloaded)",
+         opt("--out", help="CSV to write (default: results/bench/<host>.csv)"),
+         opt("--host", help="name of this machine in the file name and rows (default: the host name)"),
+         opt("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, cuda:N"),
+         opt("--cases", nargs="+", default=["t2i_train", "t2i_sample", "cls_train", "cls_eval"],
+             help="which comparisons (t2i_train, t2i_sample, cls_train, cls_eval)"),
+         opt("--t2i-arch", default="sd15", choices=["sd15", "toy"], help="Stable Diffusion v1.x or the toy pipeline"),
+         opt("--cls-arch", default="vitb16", choices=["vitb16", "toy"], help="ViT-B/16 or the toy ViT"),
+         opt("--resolution", type=int, default=0, help="t2i pixels (0: 512 on a GPU, 64 on a CPU; toy: 32)"),
+         opt("--steps", type=int, default=4, help="timed training steps after the warm-up step"),
+         opt("--sample-steps", type=int, default=0, help="sampling steps (0: 200 on a GPU, 2 on a CPU)"),
+         opt("--n-images", type=int, default=4, help="images generated each way"),
+         opt("--cls-batch", type=int, default=0, help="classification batch (0: 128 on a GPU, 4 on a CPU)"),
+         opt("--cost-config", help="also write the cost table of this run configuration (config/paper.yaml) as "
+                                   "Markdown next to the CSV (<out>.costs.md)"),
+         group="user", gpu=True)
+def cmd_bench(a):
+    import socket
+    from pathlib import Path
+
+    import yaml
+
+    from .bench import BenchOptions, bench, cost_markdown
+    from .utils import atomic_write_text
+
+    host = a.host or socket.gethostname().split(".")[0]
+    out = Path(a.out or f"results/bench/{host}.csv")
+    o = BenchOptions(device=a.device, t2i_arch=a.t2i_arch, cls_arch=a.cls_arch, resolution=a.resolution,
+                     steps=a.steps, sample_steps=a.sample_steps, n_images=a.n_images, cls_batch=a.cls_batch)
+    df = bench(o, a.cases, host, out)
+    print(df[["case", "way", "arch", "dtype", "rate", "unit", "ratio", "peak_memory_gb", "mfu"]].to_string(index=False))
+    if a.cost_config:
+        cfg = yaml.safe_load(Path(a.cost_config).read_text())
+        atomic_write_text(out.with_suffix(".costs.md"), cost_markdown(df, cfg))
+
+
 @command("prepare-imagenet-r", "link ImageNet-R extracted by hand + CODA-P's split files into a dataset folder",
          opt("--images", required=True, help="folder holding imagenet-r/<wnid>/<file>.jpg"),
          opt("--splits", required=True, help="folder holding imagenet-r_train.yaml and imagenet-r_test.yaml"),

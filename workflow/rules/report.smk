@@ -36,3 +36,30 @@ rule run_config:
         CONDA_ENV
     shell:
         "{CLI:q} write-config --json {params.cfg:q} --out {output:q} 2> {log:q}"
+
+
+# `snakemake bench`: this machine's training and sampling speed, ours beside the reference recipes (diffusers'
+# LoRA / Custom Diffusion examples, StableDiffusionPipeline's call, CODA-P's two passes), on Stable Diffusion v1.x
+# and ViT-B/16 architectures with random weights; and the paper profile's hours from those rates. Not part of
+# `all`. On a GPU the paper's sizes run; on a CPU a reduced resolution (the CSV's rows say which).
+BENCH_HOST = os.environ.get("CONTINUAL_BENCH_HOST") or __import__("socket").gethostname().split(".")[0]
+
+
+rule bench:
+    output:
+        csv=f"results/bench/{BENCH_HOST}.csv",
+        costs=f"results/bench/{BENCH_HOST}.costs.md",
+    log:
+        f"results/bench/{BENCH_HOST}.log",
+    params:
+        host=BENCH_HOST,
+        cost_config="config/paper.yaml",
+        device=config["device"],
+    threads: workflow.cores  # a benchmark: the machine to itself
+    resources:
+        gpu=1,
+    conda:
+        CONDA_ENV
+    shell:
+        "{CLI:q} --threads {threads} bench --host {params.host:q} --device {params.device:q} --out {output.csv:q} "
+        "--cost-config {params.cost_config:q} > {log:q} 2>&1"

@@ -1,0 +1,79 @@
+"""`continual-bench bench` (issue 20): every comparison runs both ways on the toy architectures, the ratios and the
+cost table are the arithmetic they claim, and bad input is refused."""
+import pandas as pd
+import pytest
+
+from continual_bench import bench as B
+from continual_bench.utils import UserError
+
+
+def test_median_rate_skips_warmup_and_counts_items():
+    # step starts at 0, 1, 3, 4, 6 s: the warm-up gap (1 s) is left out, the median of 2, 1, 2 s is 2 s
+    assert B._median_rate([0.0, 1.0, 3.0, 4.0, 6.0], warmup=1, items=2) == pytest.approx(1.0)
+    with pytest.raises(UserError, match="too few steps"):
+        B._median_rate([0.0, 1.0], warmup=1, items=1)
+
+
+def test_every_case_runs_both_ways_on_the_toy_architectures(tmp_path):
+    o = B.BenchOptions(device="cpu", t2i_arch="toy", cls_arch="toy", steps=1, cls_steps=1, n_images=2)
+    df = B.bench(o, list(B.CASES), "testhost", tmp_path / "b.csv", runner=B.run_case)
+    assert (tmp_path / "b.csv").is_file() and len(pd.read_csv(tmp_path / "b.csv")) == 8
+    assert set(zip(df.case, df.way)) == {(c, w) for c in B.CASES for w in B.WAYS}
+    assert (df.rate > 0).all() and (df.resolution[df.case.str.startswith("t2i")] == 32).all()
+    ours, ref = df[df.way == "ours"].set_index("case"), df[df.way == "reference"].set_index("case")
+    assert (ours.ratio - ours.items_per_s / ref.items_per_s).abs().max() < 1e-3
+    assert ref.ratio.isna().all()
+    # the reference encodes the images with the VAE every step; ours reads cached latents
+    assert ref.loc["t2i_train", "model_gflops_per_item"] > ours.loc["t2i_train", "model_gflops_per_item"]
+    # CODA-P's form runs the query pass with every batch; ours reads the precomputed queries
+    assert ref.loc["cls_eval", "model_gflops_per_item"] > 1.5 * ours.loc["cls_eval", "model_gflops_per_item"]
+    assert {"host", "device_name", "git_commit", "packages", "peak_memory_gb", "mfu"} <= set(df.columns)
+
+
+def test_unknown_case_and_bad_resolution_are_refused():
+    o = B.BenchOptions(device="cpu", t2i_arch="toy")
+    with pytest.raises(UserError, match=r"unknown case\(s\) \['t2i_fast'\]"):
+        B.bench(o, ["t2i_fast"], "h", None, runner=B.run_case)
+    with pytest.raises(UserError, match="multiple of 64"):
+        B.sd15_pipeline(100)
+    with pytest.raises(UserError, match="at least 1 warm-up"):
+        B.run_case("cls_eval", "ours", B.BenchOptions(device="cpu", cls_arch="toy", warmup=0).resolved())
+
+
+def test_cost_table_is_steps_and_images_over_the_measured_rates():
+    df = pd.DataFrame([
+        {"case": "t2i_train", "way": "ours", "rate": 2.0, "items_per_s": 4.0, "sample_steps": None, "peak_memory_gb": 9.0},
+        {"case": "t2i_sample", "way": "ours", "rate": 0.5, "items_per_s": 0.5, "sample_steps": 50, "peak_memory_gb": 5.0},
+        {"case": "cls_train", "way": "ours", "rate": 100.0, "items_per_s": 100.0, "sample_steps": None,
+         "peak_memory_gb": 7.0},
+        {"case": "cls_eval", "way": "ours", "rate": 500.0, "items_per_s": 500.0, "sample_steps": None,
+         "peak_memory_gb": 3.0},
+    ])
+    cfg = {"n_tasks": [10], "seeds": [0, 1, 2], "benchmarks": ["faces"], "methods": ["a", "b"],
+           "benchmark_settings": {"faces": {"steps": 720}}, "cls_methods": ["c"], "cls_train": {"epochs": 5},
+           "evaluation": {"n_samples": 10, "sample_steps": 200, "text_templates": ["{prompt} x"]}}
+    costs = B.cost_table(df, cfg).set_index("track")
+    # 10 tasks x 720 steps at 2 steps/s = 1 h; (19 pairs x 10 x 2 + 2 x 10) = 400 images at 0.5/s, x 200/50 steps
+    assert B.t2i_images_per_run(10, 10, 1) == 400
+    assert costs.loc["t2i", "train_h_per_run"] == pytest.approx(1.0)
+    assert costs.loc["t2i", "generate_h_per_run"] == pytest.approx(400 / 0.5 * 4 / 3600)
+    assert costs.loc["t2i", "runs"] == 6 and costs.loc["t2i", "total_h"] == pytest.approx(6 * (1 + 3200 / 3600))
+    # 5 epochs x 24,000 images at 100/s; 6,000 test images x (10 + 1) / 2 at 500/s
+    assert costs.loc["cls", "train_h_per_run"] == pytest.approx(5 * 24000 / 100 / 3600)
+    assert costs.loc["cls", "generate_h_per_run"] == pytest.approx(6000 * 5.5 / 500 / 3600)
+
+
+def test_readme_cost_table_is_the_one_generated_from_the_committed_measurement():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    blocks = re.findall(r"<!-- generated: (results/bench/\S+\.costs\.md) -->\n(.*?)<!-- end of \1 -->", readme, re.S)
+    assert blocks, "README: no generated bench table"
+    for path, text in blocks:
+        csv = root / path.replace(".costs.md", ".csv")
+        generated = B.cost_markdown(pd.read_csv(csv), yaml.safe_load((root / "config/paper.yaml").read_text()))
+        assert text == generated == (root / path).read_text(), f"README's table differs from {path}: rerun bench"
