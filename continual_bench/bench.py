@@ -455,6 +455,17 @@ def t2i_images_per_run(n_tasks: int, n_samples: int, n_templates: int, full_matr
     return pairs * n_samples * (2 if n_templates else 1) + 2 * n_samples
 
 
+def _t2i_steps(config: dict, benchmark: str) -> int:
+    """C-LoRA's training steps per task on ``benchmark``: benchmark_settings, else method_settings, else its default."""
+    from .methods.registry import get_method
+
+    for scope in (config.get("benchmark_settings", {}).get(benchmark, {}),
+                  config.get("method_settings", {}).get("c_lora", {})):
+        if "steps" in scope:
+            return int(scope["steps"])
+    return get_method("t2i", "c_lora").Settings().steps
+
+
 def cost_table(df, config: dict):
     """Hours per run and in all for each track of ``config`` at the rates measured in ``df`` (our ways).
 
@@ -472,7 +483,7 @@ def cost_table(df, config: dict):
         if {"t2i_train", "t2i_sample"} <= set(ours.index):
             tr, sa = ours.loc["t2i_train"], ours.loc["t2i_sample"]
             for bench_name in config.get("benchmarks", []):
-                steps = config.get("benchmark_settings", {}).get(bench_name, {}).get("steps", 0) or 120
+                steps = _t2i_steps(config, bench_name)
                 train_h = T * steps / tr.rate / 3600
                 n_img = t2i_images_per_run(T, ev.get("n_samples", 32), len(ev.get("text_templates") or []),
                                            ev.get("full_matrix", False))

@@ -77,3 +77,11 @@ def test_readme_cost_table_is_the_one_generated_from_the_committed_measurement()
         csv = root / path.replace(".costs.md", ".csv")
         generated = B.cost_markdown(pd.read_csv(csv), yaml.safe_load((root / "config/paper.yaml").read_text()))
         assert text == generated == (root / path).read_text(), f"README's table differs from {path}: rerun bench"
+
+
+def test_cost_steps_come_from_benchmark_settings_then_method_settings_then_the_default():
+    from continual_bench.methods.registry import get_method
+
+    cfg = {"benchmark_settings": {"a": {"steps": 7}}, "method_settings": {"c_lora": {"steps": 9}}}
+    assert B._t2i_steps(cfg, "a") == 7 and B._t2i_steps(cfg, "b") == 9
+    assert B._t2i_steps({}, "b") == get_method("t2i", "c_lora").Settings().steps

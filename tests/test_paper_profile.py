@@ -620,8 +620,9 @@ COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 
 
 def test_hub_models_are_fetched_at_a_pinned_commit(tmp_path, hub_online, monkeypatch, caplog):
-    """models.yaml ships vit_b_16 at `main`: refused unless allowed; allowed, `main` is resolved once and every later
-    fetch uses that commit; files are checked against the hub's LFS sha256 and the checksum lock."""
+    """models.yaml pins vit_b_16 to a commit; set to a branch (`main`), it is refused unless allowed; allowed, `main`
+    is resolved once and every later fetch uses that commit; files are checked against the hub's LFS sha256 and the
+    checksum lock."""
     from huggingface_hub import constants
 
     from continual_bench.data.manifests import parse_models
@@ -629,7 +630,11 @@ def test_hub_models_are_fetched_at_a_pinned_commit(tmp_path, hub_online, monkeyp
 
     models = yaml.safe_load((REPO / "data_manifests" / "models.yaml").read_text())
     spec = models["models"]["vit_b_16"]
-    assert spec["revision"] == "main" and spec["repo_id"] == "timm/vit_base_patch16_224.augreg_in21k_ft_in1k"
+    assert re.fullmatch(r"[0-9a-f]{40}", spec["revision"]) and spec["repo_id"] == "timm/vit_base_patch16_224.augreg_in21k_ft_in1k"
+    assert all(spec["revision"] in f["url"] for f in spec["files"])
+    for f in spec["files"]:  # a user who unpins it
+        f["url"] = f["url"].replace(spec["revision"], "main")
+    spec["revision"] = "main"
     mirror, res = tmp_path / "mirror", tmp_path / "res"
     hub = mirror / "huggingface.co" / spec["repo_id"]
     for commit, weights in ((COMMIT_A, b"weights at A"), (COMMIT_B, b"weights at B")):
@@ -684,7 +689,7 @@ def test_hub_models_are_fetched_at_a_pinned_commit(tmp_path, hub_online, monkeyp
         parse_models(raw, "models.yaml")
     raw = yaml.safe_load((REPO / "data_manifests" / "models.yaml").read_text())
     raw["models"]["vit_b_16"]["revision"] = COMMIT_A
-    with pytest.raises(UserError, match=r"config.json: URL .*/resolve/main/config.json is not .*/resolve/aaaa"):
+    with pytest.raises(UserError, match=r"config.json: URL .*/resolve/[0-9a-f]{40}/config.json is not .*/resolve/aaaa"):
         parse_models(raw, "models.yaml")
 
 
