@@ -4,10 +4,10 @@ Every comparison runs the same architecture with random weights (nothing is down
 the reference way, each in a fresh process (so each has its own peak memory and nothing warms the other's caches):
 
 * ``t2i_train``: one C-LoRA training step through the engine (:func:`continual_bench.engine.t2i.train_one_task`:
-  VAE latents cached once per task, bf16 autocast on a GPU) against the recipe of diffusers' LoRA example
-  (``examples/text_to_image/train_text_to_image_lora.py``; the Custom Diffusion and DreamBooth-LoRA examples
-  step the same way): fp32, the VAE encoding the images and the text encoder the prompts at every step, peft LoRA
-  (rank as ours) on the UNet's attention projections, AdamW, gradient clipping at 1.
+  VAE latents cached once per task, bf16 autocast on a GPU) against the recipe of diffusers' examples
+  (``train_text_to_image_lora.py``'s step, with the concept token trained as ``train_custom_diffusion.py`` trains its
+  modifier token, since C-LoRA trains one too): fp32, the VAE encoding the images and the text encoder the prompts
+  at every step, peft LoRA (rank as ours) on the UNet's attention projections, AdamW, gradient clipping at 1.
 * ``t2i_sample``: images/s of our generation path (:meth:`T2IModel.generate`, prompts batched, latents drawn up
   front) against ``StableDiffusionPipeline.__call__`` with its defaults, one prompt per call, at the same steps
   and guidance.
