@@ -509,9 +509,10 @@ def cost_markdown(df, config: dict) -> str:
     costs = cost_table(df, config)
     first = df.iloc[0]
     head = (f"Measured by `continual-bench bench` on {first.device_name} ({first.host}, {first.date}); text-to-image "
-            f"at {int(df[df.case == 't2i_train'].resolution.iloc[0])} px. Hours per run = the paper profile's steps "
-            "and images at the measured rates (every method at C-LoRA's step; methods that sample during training "
-            "cost more).\n\n")
+            f"at {int(df[df.case == 't2i_train'].resolution.iloc[0])} px, training batch "
+            f"{int(df[df.case == 't2i_train'].batch.iloc[0])}. Hours per run = the configuration's steps and images "
+            "at the measured rates (every method at C-LoRA's step; methods that sample during training cost "
+            "more).\n\n")
     lines = ["| track | run | training h/run | sampling/evaluation h/run | runs | hours in all | peak memory (GB) |",
              "|---|---|---|---|---|---|---|"]
     for r in costs.itertuples():

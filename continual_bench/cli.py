@@ -219,6 +219,8 @@ def cmd_compare(a) -> int:
          opt("--cls-arch", default="vitb16", choices=["vitb16", "toy"], help="ViT-B/16 or the toy ViT"),
          opt("--resolution", type=int, default=0, help="t2i pixels (0: 512 on a GPU, 64 on a CPU; toy: 32)"),
          opt("--steps", type=int, default=4, help="timed training steps after the warm-up step"),
+         opt("--batch", type=int, default=2, help="t2i training batch (the paper profile's 2)"),
+         opt("--rank", type=int, default=16, help="LoRA rank, both ways (the paper profile's 16)"),
          opt("--sample-steps", type=int, default=0, help="sampling steps (0: 200 on a GPU, 2 on a CPU)"),
          opt("--n-images", type=int, default=4, help="images generated each way"),
          opt("--cls-batch", type=int, default=0, help="classification batch (0: 128 on a GPU, 4 on a CPU)"),
@@ -237,7 +239,8 @@ def cmd_bench(a):
     host = a.host or socket.gethostname().split(".")[0]
     out = Path(a.out or f"results/bench/{host}.csv")
     o = BenchOptions(device=a.device, t2i_arch=a.t2i_arch, cls_arch=a.cls_arch, resolution=a.resolution,
-                     steps=a.steps, sample_steps=a.sample_steps, n_images=a.n_images, cls_batch=a.cls_batch)
+                     steps=a.steps, batch=a.batch, rank=a.rank, sample_steps=a.sample_steps, n_images=a.n_images,
+                     cls_batch=a.cls_batch)
     df = bench(o, a.cases, host, out)
     print(df[["case", "way", "arch", "dtype", "rate", "unit", "ratio", "peak_memory_gb", "mfu"]].to_string(index=False))
     if a.cost_config:
