@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -68,36 +68,36 @@ class BenchOptions:
     guidance: float = 6.0
     cls_batch: int = 0        # 0 = 128 on a GPU (CODA-P's), 4 on a CPU
     cls_steps: int = 3
-    extra: dict = field(default_factory=dict)
 
     def resolved(self) -> "BenchOptions":
-        gpu = resolve_device(self.device).startswith("cuda")
-        o = BenchOptions(**asdict(self))
-        o.device = resolve_device(self.device)
-        toy = self.t2i_arch == "toy"
-        o.resolution = self.resolution or (32 if toy else 512 if gpu else 64)
-        o.sample_steps = self.sample_steps or (200 if gpu else 2)
-        o.cls_batch = self.cls_batch or (128 if gpu else 4)
-        return o
+        """The options with the device and every 0 (= "the device's default") filled in."""
+        from .engine.runner import resolve_device
 
-
-def resolve_device(device: str) -> str:
-    from .engine.runner import resolve_device as rd
-
-    return rd(device)
+        device = resolve_device(self.device)
+        gpu = device.startswith("cuda")
+        return replace(self, device=device,
+                       resolution=self.resolution or (32 if self.t2i_arch == "toy" else 512 if gpu else 64),
+                       sample_steps=self.sample_steps or (200 if gpu else 2),
+                       cls_batch=self.cls_batch or (128 if gpu else 4))
 
 
 # ------------------------------------------------------------------------------------------- models
+def _clip_tokenizer(max_length: int):
+    """OpenAI CLIP's tokenizer (:func:`write_clip_tokenizer`), written to a temporary folder and loaded from it."""
+    from .backbones.t2i import load_tokenizer, write_clip_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="bench-tok-") as tmp:
+        return load_tokenizer(write_clip_tokenizer(tmp, max_length))
+
+
 def sd15_pipeline(resolution: int):
     """Stable Diffusion v1.x's architecture with random weights: UNet, VAE and text encoder from their configs."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .backbones.t2i import load_tokenizer, write_clip_tokenizer
-
     if resolution % 64:
         raise UserError(f"bench --resolution {resolution}: Stable Diffusion's UNet needs a multiple of 64")
-    tok = load_tokenizer(write_clip_tokenizer(tempfile.mkdtemp(prefix="bench-tok-"), 77))
+    tok = _clip_tokenizer(77)
     unet = UNet2DConditionModel(sample_size=resolution // 8, cross_attention_dim=768, attention_head_dim=8)
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
@@ -115,13 +115,12 @@ def toy_pipeline(resolution: int):
     """The toy world's architecture (:class:`ToyT2IConfig`) with random weights."""
     from diffusers import StableDiffusionPipeline
 
-    from .backbones.t2i import (ToyT2IConfig, build_toy_text_encoder, build_toy_unet, build_toy_vae, load_tokenizer,
-                                training_scheduler, write_clip_tokenizer)
+    from .backbones.t2i import ToyT2IConfig, build_toy_text_encoder, build_toy_unet, build_toy_vae, training_scheduler
 
     cfg = ToyT2IConfig()
     if resolution != cfg.image_size:
         raise UserError(f"bench --resolution {resolution}: the toy architecture is {cfg.image_size} px")
-    tok = load_tokenizer(write_clip_tokenizer(tempfile.mkdtemp(prefix="bench-tok-"), 32))
+    tok = _clip_tokenizer(32)
     return StableDiffusionPipeline(vae=build_toy_vae(cfg), text_encoder=build_toy_text_encoder(cfg, tok), tokenizer=tok,
                                    unet=build_toy_unet(cfg, cfg.image_size // 4), scheduler=training_scheduler(),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -508,11 +507,12 @@ def cost_markdown(df, config: dict) -> str:
     """The README's cost table from a bench CSV (``df``) and the paper profile's configuration."""
     costs = cost_table(df, config)
     first = df.iloc[0]
-    head = (f"Measured by `continual-bench bench` on {first.device_name} ({first.host}, {first.date}); text-to-image "
-            f"at {int(df[df.case == 't2i_train'].resolution.iloc[0])} px, training batch "
-            f"{int(df[df.case == 't2i_train'].batch.iloc[0])}. Hours per run = the configuration's steps and images "
-            "at the measured rates (every method at C-LoRA's step; methods that sample during training cost "
-            "more).\n\n")
+    train = df[df.case == "t2i_train"]
+    t2i = f"; text-to-image at {int(train.resolution.iloc[0])} px, training batch {int(train.batch.iloc[0])}" \
+        if len(train) else ""
+    head = (f"Measured by `continual-bench bench` on {first.device_name} ({first.host}, {first.date}){t2i}. Hours per "
+            "run = the configuration's steps and images at the measured rates (every method at C-LoRA's step; "
+            "methods that sample during training cost more).\n\n")
     lines = ["| track | run | training h/run | sampling/evaluation h/run | runs | hours in all | peak memory (GB) |",
              "|---|---|---|---|---|---|---|"]
     for r in costs.itertuples():

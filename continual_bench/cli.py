@@ -236,6 +236,8 @@ def cmd_bench(a):
     from .bench import BenchOptions, bench, cost_markdown
     from .utils import atomic_write_text
 
+    if a.cost_config and not Path(a.cost_config).is_file():
+        raise UserError(f"bench --cost-config {a.cost_config}: no such file")
     host = a.host or socket.gethostname().split(".")[0]
     out = Path(a.out or f"results/bench/{host}.csv")
     o = BenchOptions(device=a.device, t2i_arch=a.t2i_arch, cls_arch=a.cls_arch, resolution=a.resolution,

@@ -85,3 +85,16 @@ def test_cost_steps_come_from_benchmark_settings_then_method_settings_then_the_d
     cfg = {"benchmark_settings": {"a": {"steps": 7}}, "method_settings": {"c_lora": {"steps": 9}}}
     assert B._t2i_steps(cfg, "a") == 7 and B._t2i_steps(cfg, "b") == 9
     assert B._t2i_steps({}, "b") == get_method("t2i", "c_lora").Settings().steps
+
+
+def test_cost_table_without_text_to_image_rows_and_a_missing_cost_config(tmp_path, capsys):
+    from continual_bench import cli
+
+    df = pd.DataFrame([{"case": c, "way": w, "rate": 10.0, "items_per_s": 10.0, "sample_steps": None,
+                        "peak_memory_gb": 1.0, "ratio": 1.5 if w == "ours" else None, "device_name": "cpu",
+                        "host": "h", "date": "d"} for c in ("cls_train", "cls_eval") for w in B.WAYS])
+    md = B.cost_markdown(df, {"n_tasks": [5], "seeds": [0], "cls_methods": ["coda_p"]})
+    assert "text-to-image" not in md and "| cls | ImageNet-R, 5 tasks" in md
+    # refused before anything is measured, with a one-line error naming the file
+    assert cli.main(["bench", "--cost-config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "b.csv")]) == 2
+    assert "bench --cost-config" in capsys.readouterr().err and not (tmp_path / "b.csv").exists()
