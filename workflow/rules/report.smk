@@ -55,7 +55,10 @@ rule bench:
         host=BENCH_HOST,
         cost_config="config/paper.yaml",
         device=config["device"],
-    threads: workflow.cores  # a benchmark: the machine to itself
+    # A benchmark wants the machine to itself. Not `workflow.cores`: that raises under a cluster executor, which
+    # has no --cores, and stops every DAG that includes this file. Snakemake lowers 16 to --cores on a
+    # workstation; on a cluster it is the CPUs requested (change it with --set-threads bench=N).
+    threads: 16
     resources:
         gpu=1,
     conda:
