@@ -219,7 +219,7 @@ def test_failed_evaluate_keeps_the_last_good_metrics(dag):
 def test_rules_never_read_the_total_cores_when_parsed():
     """`workflow.cores` raises under a cluster executor (no --cores), and a rule's `threads:` is read when the
     Snakefile is parsed, so one such rule stops every cluster run, even of jobs that never reach it (stop 23's
-    live SLURM check failed so; a dry run does not show it). Threads must be a number or a function."""
+    live SLURM check failed so; a dry run does not show it). A rule that wants the whole machine names a number."""
     offenders = [f"{p.relative_to(REPO)}:{i}" for p in [REPO / "Snakefile", *sorted((REPO / "workflow").rglob("*.smk"))]
                  for i, line in enumerate(p.read_text().splitlines(), 1)
                  if re.match(r"\s*threads:\s*[^#]*\bworkflow\.cores\b", line)]
