@@ -396,12 +396,21 @@ def _spec(a):
 
 
 @command("train", "train one continual run (all tasks; resumes at the first task without a checkpoint)",
-         *RUN, _out("train.json, written when every task is done"), group="t2i", gpu=True)
+         *RUN, _out("train.json, written when every task is done"),
+         opt("--reuse-states-from", action="append", default=[], metavar="RESULTS",
+             help="a results folder whose runs of this method, seed and benchmark at other lengths lend the states "
+                  "of the tasks they share with this run, checked by fingerprint (repeatable; the workflow passes "
+                  "the run's own results folder and config reuse_states_from)"),
+         group="t2i", gpu=True)
 def cmd_train(a):
+    from pathlib import Path
+
     from .engine.t2i import train_sequence, write_train_summary
 
     spec = _spec(a)
-    metas = train_sequence(spec, a.ckpt_dir)
+    metas = train_sequence(spec, a.ckpt_dir, reuse=[
+        run_json.parent for root in a.reuse_states_from for run_json in
+        sorted(Path(root, "runs", a.benchmark).glob(f"T*/{a.method}/seed{a.seed}/checkpoints/*/run.json"))])
     write_train_summary(spec, metas, a.out)
 
 

@@ -67,3 +67,48 @@ def test_cli_errors_are_one_line_and_name_the_value(tiny_pipeline, tiny_world, t
     assert res.returncode == 2 and "method_settings.lora_sequential: unknown setting(s) ['rnak']" in res.stderr
     res = _cli("train", "--method", "lora_sequential", "--settings", "{bad json", *common)
     assert res.returncode == 2 and "--settings: not valid JSON" in res.stderr
+
+
+def _states(ck):
+    return {p.parent.name: p.read_bytes() for p in sorted(ck.glob("task_*/state.safetensors"))}
+
+
+def test_runs_of_other_lengths_lend_their_leading_states(tiny_pipeline, tiny_world, tmp_path, monkeypatch, caplog):
+    """A run's first t states are those of any run with the same method, settings, seed, backbone and first t
+    concepts: reusing them gives, file for file, the run trained from scratch; anything else lends nothing."""
+    def spec(n, **kw):
+        return RunSpec(backbone=tiny_pipeline, data_dir=tiny_world, method="lora_sequential", n_tasks=n, seed=0,
+                       settings={"steps": 2, "batch_size": 2, "rank": 2, **kw})
+    scratch3 = spec(3).checkpoint_dir(tmp_path / "a")
+    train_sequence(spec(3), tmp_path / "a")
+    scratch2 = spec(2).checkpoint_dir(tmp_path / "b")
+    train_sequence(spec(2), tmp_path / "b")
+    assert _states(scratch2) == {k: v for k, v in _states(scratch3).items() if k != "task_003"}  # the premise
+    # longer from shorter: tasks 1-2 copied, task 3 trained, the same bytes as from scratch
+    metas = train_sequence(spec(3), tmp_path / "c", reuse=[scratch2])
+    lent3 = spec(3).checkpoint_dir(tmp_path / "c")
+    assert [m.get("reused_from") for m in metas] == [str(scratch2 / "task_001"), str(scratch2 / "task_002"), None]
+    assert _states(lent3) == _states(scratch3)
+    # shorter from longer: nothing is trained
+    monkeypatch.setattr(RunSpec, "train_task", lambda *a: pytest.fail("trained a task it could reuse"))
+    metas = train_sequence(spec(2), tmp_path / "d", reuse=[scratch3, lent3])
+    assert [m["reused_from"] for m in metas] == [str(scratch3 / "task_001"), str(scratch3 / "task_002")]
+    assert _states(spec(2).checkpoint_dir(tmp_path / "d")) == _states(scratch2)
+    monkeypatch.undo()
+    # other settings, another seed, another dataset record, or the run's own folder lend nothing
+    assert spec(2, steps=3).reusable_prefix(scratch3) == 0
+    other_seed = RunSpec(backbone=tiny_pipeline, data_dir=tiny_world, method="lora_sequential", n_tasks=2, seed=1,
+                         settings={"steps": 2, "batch_size": 2, "rank": 2})
+    assert other_seed.reusable_prefix(scratch3) == 0 and spec(1).reusable_prefix(scratch3) == 1
+    info = json.loads((scratch3 / "run.json").read_text())
+    (scratch3 / "run.json").write_text(json.dumps({**info, "data": {**info["data"], "manifest_sha256": "0" * 64}}))
+    assert spec(2).reusable_prefix(scratch3) == 0
+    (scratch3 / "run.json").write_text(json.dumps(info))
+    # a corrupt lent state is not copied: the task is trained again from the one before
+    state = scratch2 / "task_002" / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:-8] + b"\0" * 8)
+    with caplog.at_level("INFO"):
+        metas = train_sequence(spec(3), tmp_path / "e", reuse=[scratch2])
+    assert [m.get("reused_from") for m in metas] == [str(scratch2 / "task_001"), None, None]
+    assert _states(spec(3).checkpoint_dir(tmp_path / "e")) == _states(scratch3)
+    assert "sha256" in caplog.text and "task 1: state reused from" in caplog.text

@@ -22,6 +22,14 @@ every task's (evaluation samples the model after each task), and a task whose st
 again from the task before; the classification track keeps only the last one (every task's accuracies are in its
 meta.json), and resumes from the latest task whose state is intact. A non-finite loss stops the run with an error
 naming the run, the loss, the task and the step; that task's checkpoint is not written.
+
+States shared by runs of different lengths (:func:`reuse_states`): a method sees one task at a time, and a task's
+training depends only on the state before it, the task and (seed, task), so the state after task ``t`` of a run is
+the state after task ``t`` of every run with the same method, settings, seed, backbone and first ``t`` concepts:
+the 5-task run is the first five tasks of the 20-task run. A track may declare which of another run's checkpoint
+folders qualify (:meth:`BaseRunSpec.reusable_prefix`, checked against that folder's fingerprint); their intact
+leading states are copied in (sha256 checked again) and marked ``reused_from`` in their meta.json, instead of being
+trained again. ``tests/test_engine.py`` checks that the copied run equals one trained from scratch, file for file.
 """
 from __future__ import annotations
 
@@ -89,6 +97,26 @@ class Checkpoints:
     def load_state(self, t: int, device: str = "cpu") -> dict:
         """Task ``t``'s tensors, checked against the sha256 its meta.json records."""
         return load_state(self.task_dir(t) / STATE, self.read_meta(t).get("state_sha256"), device=device)
+
+    def adopt(self, t: int, src: "Checkpoints", meta: dict) -> None:
+        """Copy task ``t``'s state from another run's checkpoints ``src`` (``meta``: its meta.json, checked intact by
+        the caller), recording where it came from; written like :meth:`save`, then checked against its sha256."""
+        final = self.task_dir(t)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".task_{t:03d}.", dir=self.root))
+        try:
+            shutil.copyfile(src.task_dir(t) / STATE, tmp / STATE)
+            (tmp / META).write_text(json.dumps({**meta, "reused_from": str(src.task_dir(t))}, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        problem = self.state_problem(t)
+        if problem:  # the source changed under us: the task is trained instead
+            shutil.rmtree(final)
+            raise UserError(f"{final / STATE}: copied from {src.task_dir(t)} but {problem}")
 
     def save(self, t: int, method, meta: dict) -> None:
         """Write task ``t``'s state (``method.state_dict()``) and meta.json (with the state's sha256) into a temporary folder, then rename it
@@ -200,6 +228,11 @@ class BaseRunSpec:
         """More of a finished task's log line (the classification track: its accuracies)."""
         return ""
 
+    def reusable_prefix(self, folder: Path) -> int:
+        """How many leading tasks another run, whose checkpoint folder is ``folder``, trained exactly as this run
+        would (see the module docstring); 0 (the default) where a track does not share states between runs."""
+        return 0
+
     # ---------------------------------------------------------------- shared
     def fingerprint(self) -> str:
         return config_hash(self.identity())
@@ -225,10 +258,42 @@ class BaseRunSpec:
         return method
 
 
-def train_sequence(spec: BaseRunSpec, ckpt_root: str | Path, stop_after: int | None = None) -> list[dict]:
+def reuse_states(spec: BaseRunSpec, ckpt: Checkpoints, candidates: Iterable[str | Path]) -> int:
+    """Copy into ``ckpt`` the leading task states that other runs (their checkpoint folders, ``candidates``) trained
+    exactly as ``spec`` would, longest shared prefix first, where ``ckpt`` has no intact state of that task.
+    Returns the number of leading tasks that now stand (trained here before, or copied)."""
+    n = len(spec.train_tasks)
+    own = ckpt.root.resolve()
+    shared = sorted(((min(spec.reusable_prefix(Path(c)), n), Path(c)) for c in candidates
+                     if Path(c).resolve() != own), key=lambda kc: -kc[0])
+    done = 0
+    while done < n and ckpt.intact_meta(done + 1) is not None:
+        done += 1
+    for k, folder in shared:
+        src = Checkpoints(folder)
+        while done < k:
+            meta = src.intact_meta(done + 1)
+            if meta is None:
+                break
+            try:
+                ckpt.adopt(done + 1, src, meta)
+            except UserError as e:
+                log.warning("%s; training it instead", e)
+                break
+            log.info("task %d: state reused from %s (same method, settings, seed and backbone; its sequence shares "
+                     "the first %d tasks)", done + 1, src.task_dir(done + 1), k)
+            done += 1
+    return done
+
+
+def train_sequence(spec: BaseRunSpec, ckpt_root: str | Path, stop_after: int | None = None,
+                   reuse: Iterable[str | Path] = ()) -> list[dict]:
     """Train every task of ``spec`` in order, skipping tasks whose checkpoints stand; returns every task's meta.
+    ``reuse``: other runs' checkpoint folders whose shared leading states are copied first (:func:`reuse_states`).
     ``stop_after``: return after that many tasks (tests use it to simulate a killed run)."""
     ckpt = Checkpoints(spec.checkpoint_dir(ckpt_root), keep_states=spec.keep_states)
+    if reuse:
+        reuse_states(spec, ckpt, reuse)
     finished = ckpt.finished(len(spec.train_tasks))
     train_task = spec.task_trainer()
     metas = []

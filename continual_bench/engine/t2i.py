@@ -9,10 +9,14 @@ after every task, and a task whose state fails its sha256 check is trained again
 
 The fingerprint hashes the method, its settings, the seed, the concept sequence and the backbone's weight files
 (size and mtime), so changed settings or a rebuilt backbone never resume from stale checkpoints, and old
-checkpoints are kept, not deleted.
+checkpoints are kept, not deleted. Runs that differ only in length share their leading states
+(:meth:`RunSpec.reusable_prefix`): sequences are drawn as a seeded permutation cut to ``n_tasks``, so the 5-task
+sequence is the first five concepts of the 20-task one.
 """
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +26,10 @@ from ..backbones.model import T2IModel
 from ..data.datasets import PreparedDataset
 from ..methods.base import T2IMethod, Task, build_settings
 from ..methods.registry import get_method
-from ..utils import UserError, atomic_write_json, stable_seed
+from ..utils import UserError, atomic_write_json, config_hash, file_sha256, stable_seed
 from .runner import BaseRunSpec, TaskLoop, resolve_device, seed_task, train_sequence  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- sequences
@@ -80,15 +86,42 @@ class RunSpec(BaseRunSpec):
         self.tasks = make_tasks(self.ds, self.sequence, class_word, prompt_template)
         self.train_tasks = self.tasks
 
-    def identity(self) -> dict:
+    def identity(self, sequence: list[str] | None = None) -> dict:
+        """What the fingerprint hashes (``sequence``: another concept sequence in place of this run's)."""
         weights = sorted(p for p in self.backbone.rglob("*.safetensors"))
         return {"method": self.method_cls.name, "settings": self.settings.__dict__, "seed": self.seed,
-                "sequence": self.sequence,
+                "sequence": self.sequence if sequence is None else sequence,
                 "backbone": [(str(p.relative_to(self.backbone)), p.stat().st_size, p.stat().st_mtime_ns) for p in weights]}
+
+    def data_record(self) -> dict:
+        """The dataset as trained on: its manifest's sha256 and mtime (a re-prepared dataset rewrites it)."""
+        manifest = self.ds.root / "manifest.csv"
+        return {"manifest_sha256": file_sha256(manifest), "manifest_mtime_ns": manifest.stat().st_mtime_ns}
 
     def run_info(self) -> dict:
         return {"method": self.method_cls.name, "settings": self.settings.__dict__, "seed": self.seed,
-                "sequence": self.sequence, "backbone": str(self.backbone)}
+                "sequence": self.sequence, "backbone": str(self.backbone), "data": self.data_record()}
+
+    def reusable_prefix(self, folder: Path) -> int:
+        """The leading concepts this run shares with the run whose checkpoint folder is ``folder``, when that run is
+        this one but for its sequence: its folder name is the fingerprint of this run's identity with its sequence
+        (same method, settings, seed and backbone files), and its ``run.json`` records the same dataset (runs from
+        before the record was kept, 2026-12-02, are matched on the rest and logged). 0 otherwise."""
+        try:
+            info = json.loads((Path(folder) / "run.json").read_text())
+        except (OSError, ValueError):
+            return 0
+        seq = info.get("sequence") if isinstance(info, dict) else None
+        if not isinstance(seq, list) or Path(folder).name != config_hash(self.identity(seq)):
+            return 0
+        if "data" not in info:
+            log.info("%s: records no dataset; matched on method, settings, seed, backbone and sequence", folder)
+        elif info["data"] != self.data_record():
+            return 0
+        k = 0
+        while k < min(len(seq), len(self.sequence)) and seq[k] == self.sequence[k]:
+            k += 1
+        return k
 
     def new_method(self) -> T2IMethod:
         model = T2IModel.from_pretrained(self.backbone, device=self.device)

@@ -7,6 +7,12 @@
 # job fails, so a failed rerun never removes the last good result (the commands write each file atomically).
 RUN_DIR = "{results}/runs/{benchmark}/T{n_tasks}/{method}/seed{seed}"
 
+# Runs of other lengths (here, or in config reuse_states_from) lend the states of the leading tasks they share with
+# a run (same method, settings, seed, backbone and concepts; continual_bench/engine/runner.py, reuse_states): the
+# 5-task run is the first five tasks of the 20-task run. Not a param: it never changes what a run computes.
+REUSE_FROM = "".join(f"--reuse-states-from {shlex.quote(p)} " for p in config["reuse_states_from"])
+
+
 rule train:
     input:
         backbone=backbone_input,
@@ -33,6 +39,7 @@ rule train:
         "--backbone {params.backbone:q} --data {params.data:q} --benchmark {wildcards.benchmark:q} "
         "--method {wildcards.method:q} --n-tasks {wildcards.n_tasks:q} --seed {wildcards.seed:q} "
         "--settings {params.settings:q} --ckpt-dir {params.ckpt:q} --device {params.device:q} "
+        "--reuse-states-from {wildcards.results:q} " + REUSE_FROM +
         "--out {output:q} 2>> {params.log:q} "
         # the log is not a declared output, so --show-failed-logs cannot print it: a failure prints its tail instead
         "|| {{ rc=$?; echo last lines of {params.log:q} >&2; tail -n 20 {params.log:q} >&2; exit $rc; }}"
