@@ -98,42 +98,40 @@ class Checkpoints:
         """Task ``t``'s tensors, checked against the sha256 its meta.json records."""
         return load_state(self.task_dir(t) / STATE, self.read_meta(t).get("state_sha256"), device=device)
 
+    @contextlib.contextmanager
+    def _writing(self, t: int):
+        """A temporary folder to fill with task ``t``'s files, renamed into place on success: a task folder is
+        complete or absent."""
+        final = self.task_dir(t)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".task_{t:03d}.", dir=self.root))
+        try:
+            yield tmp
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+
     def adopt(self, t: int, src: "Checkpoints", meta: dict) -> None:
         """Copy task ``t``'s state from another run's checkpoints ``src`` (``meta``: its meta.json, checked intact by
         the caller), recording where it came from; written like :meth:`save`, then checked against its sha256."""
-        final = self.task_dir(t)
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".task_{t:03d}.", dir=self.root))
-        try:
+        with self._writing(t) as tmp:
             shutil.copyfile(src.task_dir(t) / STATE, tmp / STATE)
             (tmp / META).write_text(json.dumps({**meta, "reused_from": str(src.task_dir(t))}, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         problem = self.state_problem(t)
         if problem:  # the source changed under us: the task is trained instead
-            shutil.rmtree(final)
-            raise UserError(f"{final / STATE}: copied from {src.task_dir(t)} but {problem}")
+            shutil.rmtree(self.task_dir(t))
+            raise UserError(f"{self.task_dir(t) / STATE}: copied from {src.task_dir(t)} but {problem}")
 
     def save(self, t: int, method, meta: dict) -> None:
-        """Write task ``t``'s state (``method.state_dict()``) and meta.json (with the state's sha256) into a temporary folder, then rename it
-        into place: a task folder is complete or absent. Without ``keep_states`` the previous task's state goes."""
-        final = self.task_dir(t)
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".task_{t:03d}.", dir=self.root))
-        try:
+        """Write task ``t``'s state (``method.state_dict()``) and meta.json (with the state's sha256) into a temporary
+        folder, then rename it into place. Without ``keep_states`` the previous task's state goes."""
+        with self._writing(t) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}, str(tmp / STATE))
             meta["state_sha256"] = file_sha256(tmp / STATE)  # checked before the state is trusted again
             (tmp / META).write_text(json.dumps(meta, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         prev = self.task_dir(t - 1) / STATE
         if not self.keep_states and prev.exists():  # only the last state is needed to resume; every meta.json stays
             prev.unlink()
