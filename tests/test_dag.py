@@ -165,9 +165,11 @@ def test_kill_in_train_generate_and_evaluate_resumes_with_identical_metrics(dag)
 
 
 def test_default_config_plans_5_10_20_task_sequences(tmp_path):
+    """Every length x seed is planned; each train job looks for states to reuse in its own results folder and in
+    every folder of reuse_states_from, each passed as one literal argument (never run as shell code)."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-           "--configfile", str(REPO / "config" / "config.yaml"), "--cores", "2", "-n", "--quiet", "rules",
-           "--config", "n_tasks=[5,10,20]"]
+           "--configfile", str(REPO / "config" / "config.yaml"), "--cores", "2", "-n", "-p",
+           "--config", "n_tasks=[5,10,20]", "reuse_states_from=['other results/$(touch PWNED)']"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout + res.stderr
@@ -175,6 +177,10 @@ def test_default_config_plans_5_10_20_task_sequences(tmp_path):
     for rule in ("train", "generate", "evaluate"):
         line = next(ln for ln in out.splitlines() if ln.split() and ln.split()[0] == rule)
         assert int(line.split()[1]) == 3 * n_seeds, line
+    trains = [ln for ln in out.splitlines() if " train --backbone " in ln]
+    assert len(trains) == 3 * n_seeds
+    for ln in trains:
+        assert "--reuse-states-from results/toy --reuse-states-from 'other results/$(touch PWNED)' " in ln, ln
 
 
 RUN = Path("results/ci/runs/toy_faces/T2/lora_sequential/seed0")
