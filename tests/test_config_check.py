@@ -33,7 +33,6 @@ def test_bad_config_stops_the_dry_run_with_one_line(tmp_path, override, expected
     assert not (tmp_path / "results").exists() and time.time() - t0 < 60
 
 
-
 def test_reuse_states_from_refuses_braces():
     """Its paths are placed in a shell template, where braces would be read as placeholders (the train command is
     checked in tests/test_dag.py: test_default_config_plans_5_10_20_task_sequences)."""

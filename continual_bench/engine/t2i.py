@@ -15,6 +15,7 @@ sequence is the first five concepts of the 20-task one.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -93,14 +94,16 @@ class RunSpec(BaseRunSpec):
                 "sequence": self.sequence if sequence is None else sequence,
                 "backbone": [(str(p.relative_to(self.backbone)), p.stat().st_size, p.stat().st_mtime_ns) for p in weights]}
 
+    @functools.cached_property
     def data_record(self) -> dict:
-        """The dataset as trained on: its manifest's sha256 and mtime (a re-prepared dataset rewrites it)."""
+        """The dataset as trained on: its manifest's sha256 and mtime (a re-prepared dataset rewrites it); read once
+        per run, however many runs are asked whether they lend states."""
         manifest = self.ds.root / "manifest.csv"
         return {"manifest_sha256": file_sha256(manifest), "manifest_mtime_ns": manifest.stat().st_mtime_ns}
 
     def run_info(self) -> dict:
         return {"method": self.method_cls.name, "settings": self.settings.__dict__, "seed": self.seed,
-                "sequence": self.sequence, "backbone": str(self.backbone), "data": self.data_record()}
+                "sequence": self.sequence, "backbone": str(self.backbone), "data": self.data_record}
 
     def reusable_prefix(self, folder: Path) -> int:
         """The leading concepts this run shares with the run whose checkpoint folder is ``folder``, when that run is
@@ -116,7 +119,7 @@ class RunSpec(BaseRunSpec):
             return 0
         if "data" not in info:
             log.info("%s: records no dataset; matched on method, settings, seed, backbone and sequence", folder)
-        elif info["data"] != self.data_record():
+        elif info["data"] != self.data_record:
             return 0
         k = 0
         while k < min(len(seq), len(self.sequence)) and seq[k] == self.sequence[k]:
