@@ -385,6 +385,42 @@ def test_lengths_plot_one_panel_per_metric_and_floor(tmp_path):
         lengths_plot(df, tmp_path / "x.png", ("P_clip", "F_clip"))
 
 
+def test_lengths_plot_puts_one_papers_readings_in_a_row_of_their_own(tmp_path):
+    """Many methods: the readings of one paper (>= 3, by the registry's paper) get their own row of panels, every
+    column shares its y axis so the rows compare, and each method is drawn exactly once."""
+    import matplotlib.figure
+
+    from continual_bench.reporting.figures import lengths_plot
+    from continual_bench.reporting.report import paper_rows
+
+    base = _t2i_lengths_frame()
+    lfs = ["lfs_diffusion", "lfs_diffusion_no_icgen", "lfs_diffusion_kd_previous"]
+    df = pd.concat([base] + [base[base.method == "c_lora"].assign(method=m) for m in [*lfs, "textual_inversion"]])
+    methods = list(pd.unique(df.method))
+    rows = paper_rows("t2i", methods)
+    assert rows == [("Song et al. (LFS-Diffusion)", lfs)]  # C-LoRA's paper has two methods here (with lora_sequential): no row
+    drawn = []
+    real_subplots = matplotlib.figure.Figure.subplots
+
+    def spy(fig, *a, **kw):
+        grid = real_subplots(fig, *a, **kw)
+        drawn.append(grid)
+        return grid
+
+    matplotlib.figure.Figure.subplots = spy
+    try:
+        lengths_plot(df, tmp_path / "l.png", ("P_oracle", "A_oracle", "F_oracle"), rows=rows, pdf=False)
+    finally:
+        matplotlib.figure.Figure.subplots = real_subplots
+    (grid,) = drawn
+    assert grid.shape == (2, 3)
+    labels = [[t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else []
+              for ax in grid[:, -1]]
+    assert labels == [["lora_sequential", "c_lora", "textual_inversion"], lfs]
+    assert grid[0, 2].get_ylim() == grid[1, 2].get_ylim()  # shared per column
+    assert grid[1, 0].get_title().endswith(": Song et al. (LFS-Diffusion)")
+
+
 def test_report_draws_the_lengths_figure_for_several_lengths(tmp_path):
     from continual_bench.reporting.report import build_report
 

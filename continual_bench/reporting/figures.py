@@ -268,10 +268,14 @@ def tradeoff_plot(per_seed: pd.DataFrame, out_path: Path, metric: str, *, floor:
 
 
 def lengths_plot(per_seed: pd.DataFrame, out_path: Path, metrics: tuple[str, ...], *, floors=None,
-                 pdf: bool = True) -> list[Path]:
+                 rows: list[tuple[str, list[str]]] | None = None, pdf: bool = True) -> list[Path]:
     """One panel per metric (e.g. ``P_oracle``, ``A_oracle``, ``F_oracle``) against the sequence length: one line per
     method through its mean over seeds, with +- one sample std (ddof=1) bars. ``floors(metric, n_tasks)`` (optional)
     gives that column's noise floor; for forgetting metrics it is shaded around 0 at each length.
+
+    ``rows`` (optional): ``[(label, [method, ...]), ...]``, one row of panels per group of methods, so that 16 methods
+    stay readable (the readings of one paper in a row of their own); every panel of a column shares its y axis, so
+    the rows compare. Methods in no group, and all of them when ``rows`` is None, go in a first, unlabelled row.
 
     ``per_seed`` is the long per-seed table (method, n_tasks, seed, metric, value) of one benchmark.
     """
@@ -283,30 +287,38 @@ def lengths_plot(per_seed: pd.DataFrame, out_path: Path, metrics: tuple[str, ...
         raise UserError(f"no values of {', '.join(metrics)} to plot")
     metrics = present
     methods = list(pd.unique(per_seed["method"]))
+    grouped = [(label, [m for m in ms if m in methods]) for label, ms in (rows or [])]
+    grouped = [(label, ms) for label, ms in grouped if ms]
+    rest = [m for m in methods if not any(m in ms for _, ms in grouped)]
+    grouped = ([("", rest)] if rest else []) + grouped
     lengths = sorted(int(n) for n in per_seed["n_tasks"].unique())
-    fig = Figure(figsize=(3.6 * len(metrics) + 1.6, 3.6), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(metrics)))
-    colors = matplotlib.colormaps["tab20"](np.arange(len(methods)) % 20)
+    fig = Figure(figsize=(3.6 * len(metrics) + 2.2, 3.2 * len(grouped) + 0.4), layout="constrained")
+    grid = fig.subplots(len(grouped), len(metrics), squeeze=False, sharex=True, sharey="col")
     better = {"max": "higher is better", "min": "lower is better"}
-    for ax, metric in zip(axes, metrics):
-        stats = (per_seed[per_seed.metric == metric].groupby(["method", "n_tasks"])["value"]
-                 .agg(["mean", "std", "count"]))
-        fl = [floors(metric, n) if floors else None for n in lengths]
-        if metric.startswith("F") and all(f is not None and np.isfinite(f) for f in fl):
-            ax.fill_between(lengths, [-f for f in fl], fl, color="0.85", lw=0, label="noise floor")
-        ax.axhline(0.0, color="0.5", lw=0.8)
-        for color, m in zip(colors, methods):
-            if m not in stats.index.get_level_values(0):
-                continue
-            r = stats.loc[m].reindex(lengths)
-            err = r["std"].where(r["count"] >= 2)
-            ax.errorbar(lengths, r["mean"], yerr=err, marker="o", ms=4, color=color, capsize=2, lw=1, label=m)
-        ax.set_xticks(lengths)
+    for (label, row_methods), axes in zip(grouped, grid):
+        # tab10 within a row: at most 10 distinct colours side by side, reused across rows
+        colors = matplotlib.colormaps["tab10" if len(row_methods) <= 10 else "tab20"](np.arange(len(row_methods)) % 20)
+        for ax, metric in zip(axes, metrics):
+            stats = (per_seed[per_seed.metric == metric].groupby(["method", "n_tasks"])["value"]
+                     .agg(["mean", "std", "count"]))
+            fl = [floors(metric, n) if floors else None for n in lengths]
+            if metric.startswith("F") and all(f is not None and np.isfinite(f) for f in fl):
+                ax.fill_between(lengths, [-f for f in fl], fl, color="0.85", lw=0, label="noise floor")
+            ax.axhline(0.0, color="0.5", lw=0.8)
+            for color, m in zip(colors, row_methods):
+                if m not in stats.index.get_level_values(0):
+                    continue
+                r = stats.loc[m].reindex(lengths)
+                err = r["std"].where(r["count"] >= 2)
+                ax.errorbar(lengths, r["mean"], yerr=err, marker="o", ms=4, color=color, capsize=2, lw=1, label=m)
+            ax.set_xticks(lengths)
+            ax.set_title(f"{metric} ({better.get(direction(metric), '')})" + (f": {label}" if label else ""),
+                         fontsize=9)
+            ax.grid(alpha=0.3)
+        handles, labels = axes[0].get_legend_handles_labels()
+        axes[-1].legend(handles, labels, fontsize=6.5, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    for ax in grid[-1]:
         ax.set_xlabel("tasks in the sequence")
-        ax.set_title(f"{metric} ({better.get(direction(metric), '')})", fontsize=9)
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=6.5, loc="outside right center")
     bench = per_seed["benchmark"].iloc[0] if "benchmark" in per_seed else ""
     fig.suptitle(f"{bench}: learning, what is left and forgetting against sequence length (mean +- std over seeds)",
                  fontsize=10)

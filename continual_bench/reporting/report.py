@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -133,13 +134,31 @@ def _lengths(per_seed: pd.DataFrame, floor, figures: Path) -> list[Path]:
     for bench, sub in per_seed[per_seed.track == "t2i"].groupby("benchmark"):
         if sub.n_tasks.nunique() < 2:
             continue
+        rows = paper_rows("t2i", list(pd.unique(sub["method"])))
         seeds_at = sub.groupby("n_tasks").apply(lambda g: int(g.groupby("method")["seed"].nunique().min()))
         for metric in LENGTHS_METRICS:
             cols = tuple(f"{agg}_{metric}" for agg in ("P", "A", "F"))
             if (sub.metric.isin(cols)).any():
-                written += lengths_plot(sub, figures / f"lengths_{bench}_{metric}.png", cols,
+                written += lengths_plot(sub, figures / f"lengths_{bench}_{metric}.png", cols, rows=rows,
                                         floors=lambda m, n, b=bench: floor_of_column(floor, b, m, n, seeds_at[n]))
     return written
+
+
+def paper_rows(track: str, methods: list[str], min_size: int = 3) -> list[tuple[str, list[str]]]:
+    """The methods that read one paper ``min_size`` or more ways, as ``(authors, [methods])`` groups in the order
+    given; the other methods are in no group. The paper is the registry's ``paper`` up to the title (its first two
+    comma-separated fields, before any " - " that names the reading: LFS-Diffusion's six readings are one group)."""
+    from ..methods.registry import list_methods
+
+    paper = {m["name"]: ",".join(m["paper"].split(",")[:2]).split(" - ")[0]
+             for m in list_methods() if m["track"] == track}
+    groups: dict[str, list[str]] = {}
+    for m in methods:
+        if m in paper:
+            groups.setdefault(paper[m], []).append(m)
+    # labelled by the authors and the paper's short name where its title ends in one: "Song et al. (LFS-Diffusion)"
+    return [(p.split(",")[0].strip() + (f" ({m.group(1)})" if (m := re.search(r"\(([^()]+)\)$", p)) else ""), ms)
+            for p, ms in groups.items() if len(ms) >= min_size]
 
 
 def _tradeoffs(per_seed: pd.DataFrame, floor, figures: Path) -> list[Path]:
