@@ -144,3 +144,29 @@ def check_config(config: dict, workdir: str | Path = ".") -> None:
     """Everything above; the first problem raises a one-line UserError."""
     check_methods_and_settings(config)
     check_n_tasks(config, workdir)
+
+
+def check_workflow_config(config: dict, schema_path: str | Path, workdir: str | Path = ".", *,
+                          plan: bool = True) -> None:
+    """What the Snakefile runs on ``config`` when it loads, in this order, before any job: the ``--config`` strings
+    made the integers and booleans they stand for, the schema (first problem as one line), the schema's defaults
+    filled in, then (``plan``: the Snakemake that plans the DAG, not each job) :func:`check_config`. The first
+    problem raises a one-line UserError; an ImportError from :func:`check_config` (Snakemake without the package's
+    dependencies) is the caller's to report."""
+    import yaml
+    from snakemake.utils import validate
+
+    # `--config 'n_tasks=[5,10]'` gives strings inside lists: make them the integers the schema expects
+    coerce_cli_ints(config)
+    # ... and strings inside mappings: `--config 'paper={offline: true}'` gives offline="true"
+    paper = config.get("paper")
+    for key in ("offline", "allow_unpinned_models"):
+        if isinstance(paper, dict) and isinstance(paper.get(key), str):
+            paper[key] = {"true": True, "false": False}.get(paper[key].strip().lower(), paper[key])
+    with open(schema_path) as f:
+        problem = schema_error(config, yaml.safe_load(f))
+    if problem:
+        raise UserError(problem)
+    validate(config, str(schema_path))  # fills in the defaults
+    if plan:
+        check_config(config, workdir)

@@ -13,14 +13,61 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("override, expected", [
+CASES = [
     ("method_settings={lora_sequential: {lr: 0}}",
      "method_settings.lora_sequential.lr: 0.0 is out of range; allowed: lr > 0"),
     ("method_settings={lora_seqential: {steps: 3}}", "method_settings.lora_seqential: unknown method 'lora_seqential'"),
     ("n_tasks=[4]", "n_tasks: 4 is out of range for toy_faces, which has 3 concepts (toy.n_concepts); allowed: 1..3"),
     ("seeds=[-1]", "seeds[0]: -1 is less than the minimum of 0"),
     ("run_name=..", "run_name: '..' does not match"),
-])
+]
+
+
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def _ci_config(override: str | None = None) -> dict:
+    import yaml
+    from snakemake.utils import update_config
+
+    config = yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
+    if override:
+        key, value = override.split("=", 1)
+        update_config(config, {key: yaml.safe_load(value)})
+    return config
+
+
+@pytest.mark.parametrize("override, expected", CASES)
+def test_the_snakefiles_check_stops_every_case_with_one_line(override, expected):
+    """What the Snakefile runs when it loads (config_check.check_workflow_config), in-process: the messages
+    themselves are pinned in tests/test_integrity.py."""
+    from continual_bench.config_check import check_workflow_config
+    from continual_bench.utils import UserError
+
+    with pytest.raises(UserError) as err:
+        check_workflow_config(_ci_config(override), SCHEMA, REPO)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_snakefiles_check_reads_config_strings_and_fills_defaults():
+    """`--config` gives strings inside lists and mappings: they become the integers and booleans the schema wants;
+    the schema's defaults are filled in; a job's own Snakemake (plan=False) skips the registry check."""
+    from continual_bench.config_check import check_workflow_config
+    from continual_bench.utils import UserError
+
+    config = {**_ci_config(), "seeds": ["0", "2"], "paper": {"offline": "True"}}
+    assert "device" not in config
+    check_workflow_config(config, SCHEMA, REPO)
+    assert config["seeds"] == [0, 2] and config["paper"]["offline"] is True and config["device"] == "auto"
+    unknown = _ci_config("methods=[lora_seq]")
+    check_workflow_config(unknown, SCHEMA, REPO, plan=False)
+    with pytest.raises(UserError, match="unknown method 'lora_seq'"):
+        check_workflow_config(unknown, SCHEMA, REPO)
+
+
+# Through Snakemake itself (each start costs seconds): one schema problem, one the registry and the world find; the
+# strings arrive as `--config` gives them (integers inside lists as text).
+@pytest.mark.parametrize("override, expected", [c for c in CASES if c[0].startswith(("n_tasks", "seeds"))])
 def test_bad_config_stops_the_dry_run_with_one_line(tmp_path, override, expected):
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
            "--configfile", str(REPO / "config" / "ci.yaml"), "--cores", "1", "-n", "--config", override]
