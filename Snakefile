@@ -6,7 +6,7 @@
 import os
 import sys
 
-from snakemake.utils import min_version
+from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
@@ -29,7 +29,7 @@ def config_error(message):
 # starts, which only fill in the schema's defaults).
 try:
     check_workflow_config(config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml"), os.getcwd(),
-                          plan=not (workflow.remote_exec or workflow.subprocess_exec))
+                          validate=validate, plan=not (workflow.remote_exec or workflow.subprocess_exec))
 except UserError as _e:
     config_error(_e)
 except ImportError as _e:  # an environment with Snakemake but without the package's dependencies

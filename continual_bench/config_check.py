@@ -146,15 +146,15 @@ def check_config(config: dict, workdir: str | Path = ".") -> None:
     check_n_tasks(config, workdir)
 
 
-def check_workflow_config(config: dict, schema_path: str | Path, workdir: str | Path = ".", *,
+def check_workflow_config(config: dict, schema_path: str | Path, workdir: str | Path = ".", *, validate,
                           plan: bool = True) -> None:
     """What the Snakefile runs on ``config`` when it loads, in this order, before any job: the ``--config`` strings
     made the integers and booleans they stand for, the schema (first problem as one line), the schema's defaults
-    filled in, then (``plan``: the Snakemake that plans the DAG, not each job) :func:`check_config`. The first
-    problem raises a one-line UserError; an ImportError from :func:`check_config` (Snakemake without the package's
-    dependencies) is the caller's to report."""
+    filled in by ``validate`` (the Snakefile passes ``snakemake.utils.validate``: the jobs' environment has no
+    Snakemake, so this package never imports it), then (``plan``: the Snakemake that plans the DAG, not each job)
+    :func:`check_config`. The first problem raises a one-line UserError; an ImportError from :func:`check_config`
+    (Snakemake without the package's dependencies) is the caller's to report."""
     import yaml
-    from snakemake.utils import validate
 
     # `--config 'n_tasks=[5,10]'` gives strings inside lists: make them the integers the schema expects
     coerce_cli_ints(config)
