@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+from snakemake.utils import update_config, validate  # what the Snakefile passes: it fills in the defaults
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,17 +28,7 @@ CASES = [
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 
 
-def validate(config, schema):
-    """What the Snakefile passes: Snakemake's validation, which fills in the schema's defaults."""
-    from snakemake.utils import validate as snakemake_validate
-
-    return snakemake_validate(config, schema)
-
-
 def _ci_config(override: str | None = None) -> dict:
-    import yaml
-    from snakemake.utils import update_config
-
     config = yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
     if override:
         key, value = override.split("=", 1)
@@ -90,9 +82,7 @@ def test_bad_config_stops_the_dry_run_with_one_line(tmp_path, override, expected
 def test_reuse_states_from_refuses_braces():
     """Its paths are placed in a shell template, where braces would be read as placeholders (the train command is
     checked in tests/test_dag.py: test_default_config_plans_5_10_20_task_sequences)."""
-    import yaml
     from snakemake.exceptions import WorkflowError
-    from snakemake.utils import validate
 
     cfg = {**yaml.safe_load((REPO / "config" / "ci.yaml").read_text()), "reuse_states_from": ["a{b}"]}
     with pytest.raises(WorkflowError, match="'a{b}' does not match"):

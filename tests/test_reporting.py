@@ -385,7 +385,7 @@ def test_lengths_plot_one_panel_per_metric_and_floor(tmp_path):
         lengths_plot(df, tmp_path / "x.png", ("P_clip", "F_clip"))
 
 
-def test_lengths_plot_puts_one_papers_readings_in_a_row_of_their_own(tmp_path):
+def test_lengths_plot_puts_one_papers_readings_in_a_row_of_their_own(tmp_path, monkeypatch):
     """Many methods: the readings of one paper (>= 3, by the registry's paper) get their own row of panels, every
     column shares its y axis so the rows compare, and each method is drawn exactly once."""
     import matplotlib.figure
@@ -407,11 +407,8 @@ def test_lengths_plot_puts_one_papers_readings_in_a_row_of_their_own(tmp_path):
         drawn.append(grid)
         return grid
 
-    matplotlib.figure.Figure.subplots = spy
-    try:
-        lengths_plot(df, tmp_path / "l.png", ("P_oracle", "A_oracle", "F_oracle"), rows=rows, pdf=False)
-    finally:
-        matplotlib.figure.Figure.subplots = real_subplots
+    monkeypatch.setattr(matplotlib.figure.Figure, "subplots", spy)
+    lengths_plot(df, tmp_path / "l.png", ("P_oracle", "A_oracle", "F_oracle"), rows=rows, pdf=False)
     (grid,) = drawn
     assert grid.shape == (2, 3)
     labels = [[t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else []

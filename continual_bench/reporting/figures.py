@@ -295,13 +295,14 @@ def lengths_plot(per_seed: pd.DataFrame, out_path: Path, metrics: tuple[str, ...
     fig = Figure(figsize=(3.6 * len(metrics) + 2.2, 3.2 * len(grouped) + 0.4), layout="constrained")
     grid = fig.subplots(len(grouped), len(metrics), squeeze=False, sharex=True, sharey="col")
     better = {"max": "higher is better", "min": "lower is better"}
+    stats_of = {metric: per_seed[per_seed.metric == metric].groupby(["method", "n_tasks"])["value"]
+                .agg(["mean", "std", "count"]) for metric in metrics}
+    floors_of = {metric: [floors(metric, n) if floors else None for n in lengths] for metric in metrics}
     for (label, row_methods), axes in zip(grouped, grid):
         # tab10 within a row: at most 10 distinct colours side by side, reused across rows
         colors = matplotlib.colormaps["tab10" if len(row_methods) <= 10 else "tab20"](np.arange(len(row_methods)) % 20)
         for ax, metric in zip(axes, metrics):
-            stats = (per_seed[per_seed.metric == metric].groupby(["method", "n_tasks"])["value"]
-                     .agg(["mean", "std", "count"]))
-            fl = [floors(metric, n) if floors else None for n in lengths]
+            stats, fl = stats_of[metric], floors_of[metric]
             if metric.startswith("F") and all(f is not None and np.isfinite(f) for f in fl):
                 ax.fill_between(lengths, [-f for f in fl], fl, color="0.85", lw=0, label="noise floor")
             ax.axhline(0.0, color="0.5", lw=0.8)

@@ -157,8 +157,12 @@ def paper_rows(track: str, methods: list[str], min_size: int = 3) -> list[tuple[
         if m in paper:
             groups.setdefault(paper[m], []).append(m)
     # labelled by the authors and the paper's short name where its title ends in one: "Song et al. (LFS-Diffusion)"
-    return [(p.split(",")[0].strip() + (f" ({m.group(1)})" if (m := re.search(r"\(([^()]+)\)$", p)) else ""), ms)
-            for p, ms in groups.items() if len(ms) >= min_size]
+    labelled = []
+    for title, ms in groups.items():
+        if len(ms) >= min_size:
+            short = re.search(r"\(([^()]+)\)$", title)
+            labelled.append((title.split(",")[0].strip() + (f" ({short.group(1)})" if short else ""), ms))
+    return labelled
 
 
 def _tradeoffs(per_seed: pd.DataFrame, floor, figures: Path) -> list[Path]:
