@@ -22,6 +22,7 @@ CASES = [
     ("n_tasks=[4]", "n_tasks: 4 is out of range for toy_faces, which has 3 concepts (toy.n_concepts); allowed: 1..3"),
     ("seeds=[-1]", "seeds[0]: -1 is less than the minimum of 0"),
     ("run_name=..", "run_name: '..' does not match"),
+    ("n_taks=[3]", "config: Additional properties are not allowed ('n_taks' was unexpected)"),
 ]
 
 

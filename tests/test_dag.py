@@ -90,13 +90,6 @@ def test_retrained_toy_model_invalidates_what_used_it(dag, stats, first_rerun):
     assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(dag, "-n"))
 
 
-def test_bad_config_key_is_named(dag):
-    res = snakemake(dag, "-n", "--config", "n_taks=[3]", check=False)
-    assert res.returncode != 0 and "n_taks" in res.stdout + res.stderr
-    res = snakemake(dag, "-n", "--config", "seeds=[-1]", check=False)
-    assert res.returncode != 0 and "seeds" in res.stdout + res.stderr
-
-
 def _values(path: Path) -> pd.Series:
     df = pd.read_csv(path)
     return df.set_index("metric")["value"]
