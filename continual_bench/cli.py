@@ -198,10 +198,11 @@ def cmd_tables(a):
          opt("--out", help="also write every cell as CSV here (default: print only)"),
          group="user")
 def cmd_compare(a) -> int:
-    from .reporting.compare import compare_runs, format_comparison
+    from .reporting.compare import compare_runs, format_comparison, weights_note
     from .utils import atomic_write_text
 
     df = compare_runs(a.run_dir, a.ref_dir)
+    print(weights_note(a.run_dir, a.ref_dir))
     print(format_comparison(df))
     if a.out:
         atomic_write_text(a.out, df.to_csv(index=False, float_format="%.6g"))
@@ -451,7 +452,7 @@ def cmd_evaluate(a):
     from .evaluation.t2i_eval import evaluate_run
     from .reporting.grids import sample_grid_from_npz
     from .run_files import read_json
-    from .utils import provenance
+    from .utils import provenance, weights_fingerprint
 
     train_info = read_json(a.train_json)
     judge = load_judge(a.judge)
@@ -460,7 +461,10 @@ def cmd_evaluate(a):
     cfg = {"run": ident, "settings": train_info["settings"], "eval": _json_arg(a.eval_settings, "--eval-settings"),
            "sequence": train_info["sequence"]}
     evaluate_run(train_json=a.train_json, samples_npz=a.samples, data_dir=a.data, judge=judge, oracle=oracle,
-                 ident=ident, provenance=provenance(cfg), out_metrics=a.out_metrics, out_R=a.out_R)
+                 ident=ident, out_metrics=a.out_metrics, out_R=a.out_R,
+                 provenance=provenance(cfg, weights={"backbone": train_info.get("backbone_weights", "unknown"),
+                                                     "judge": weights_fingerprint(a.judge),
+                                                     "oracle": weights_fingerprint(a.oracle)}))
     if a.figure:
         sample_grid_from_npz(a.samples, train_info, a.figure, title=f"{a.benchmark}, {a.method}, seed {a.seed}")
 
@@ -525,7 +529,7 @@ def cmd_write_config(a):
 def cmd_train_cls(a):
     from .engine.cls import ClsRunSpec, accuracy_matrix, train_sequence, write_train_summary
     from .evaluation.cls_metrics import write_cls_results
-    from .utils import provenance
+    from .utils import provenance, weights_fingerprint
 
     spec = ClsRunSpec(backbone=a.backbone, backbone_name=a.backbone_name, data_dir=a.data, method=a.method,
                       n_tasks=a.n_tasks, seed=a.seed, settings=_json_arg(a.settings), device=a.device,
@@ -537,7 +541,8 @@ def cmd_train_cls(a):
            "backbone": str(spec.backbone)}
     n_test = [len(spec.ds.split("test").select(t.classes)) for t in spec.tasks]
     write_cls_results(accuracy_matrix(spec, metas), n_test=n_test, n_train=sum(m["N_train"] for m in metas) / len(metas),
-                      n_store=metas[-1]["N_store"], ident=ident, provenance=provenance(cfg), out_metrics=a.out_metrics,
+                      n_store=metas[-1]["N_store"], ident=ident, out_metrics=a.out_metrics,
+                      provenance=provenance(cfg, weights={"backbone": weights_fingerprint(spec.backbone)}),
                       out_acc=a.out_acc, out_R=a.out_R, full=not spec.method_cls.joint)
 
 

@@ -87,17 +87,44 @@ def config_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def git_commit() -> str:
-    root = Path(__file__).resolve().parent.parent
+# What "-dirty" in a row's git_commit looks at: the code that computes results. Edits to the README, to committed
+# results or to the config (the rows carry its hash) leave a result the commit's code would compute.
+CODE_PATHS = ("continual_bench", "workflow", "Snakefile", "pyproject.toml")
+
+
+def git_commit(root: str | Path | None = None) -> str:
+    """The checkout's commit (12 hex digits), with ``-dirty`` when a tracked file of :data:`CODE_PATHS` differs from
+    it; ``unknown`` outside a git checkout. ``root``: the checkout (default: the one holding this package)."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                              text=True, timeout=10)
         commit = out.stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                *CODE_PATHS], capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty and commit != "unknown" else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def weights_fingerprint(path: str | Path | None) -> str:
+    """12 hex digits of sha256 over a model's weight files: ``path`` is one file, or a folder searched recursively
+    for :data:`WEIGHT_PATTERNS` (each file's path relative to the folder is hashed with its contents). ``none`` for no
+    path, ``unknown`` for a folder without weight files. Equal fingerprints mean byte-identical weights; the toy
+    world's models are pretrained by the DAG, and another CPU gives other floats, so other fingerprints."""
+    if path is None:
+        return "none"
+    path = Path(path)
+    files = [path] if path.is_file() else sorted({p for pat in WEIGHT_PATTERNS for p in path.rglob(pat) if p.is_file()})
+    if not files:
+        return "unknown"
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(path) if f != path else f.name}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()[:12]
 
 
 def package_versions() -> str:
@@ -112,12 +139,16 @@ def package_versions() -> str:
     return ";".join(out)
 
 
-def provenance(cfg) -> dict:
-    """Columns every result row carries."""
+def provenance(cfg, weights: dict[str, str] | None = None) -> dict:
+    """Columns every result row carries; ``weights`` (role -> :func:`weights_fingerprint`, e.g. backbone, judge,
+    oracle) adds the ``weights`` column, ``backbone=<fp>;judge=<fp>;...``: which models the numbers came from."""
     from . import __version__
 
-    return {"config_hash": config_hash(cfg), "git_commit": git_commit(), "continual_bench": __version__,
-            "python": sys.version.split()[0], "packages": package_versions()}
+    out = {"config_hash": config_hash(cfg), "git_commit": git_commit(), "continual_bench": __version__,
+           "python": sys.version.split()[0], "packages": package_versions()}
+    if weights is not None:
+        out["weights"] = ";".join(f"{role}={fp}" for role, fp in weights.items())
+    return out
 
 
 def progress(iterable=None, **kwargs):

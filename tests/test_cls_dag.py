@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from continual_bench.utils import weights_fingerprint
+
 REPO = Path(__file__).resolve().parent.parent
 CI_CLS = REPO / "config" / "ci_cls.yaml"
 
@@ -46,6 +48,7 @@ def test_cls_runs_and_summary(cls_dag):
     assert sorted(zip(acc.after_task, acc.task)) == [(1, 1), (2, 1), (2, 2)]
     per_run = pd.read_csv(run / "metrics.csv")
     assert per_run.config_hash.notna().all() and "torch=" in per_run.packages.iloc[0]
+    assert set(per_run.weights) == {f"backbone={weights_fingerprint(cls_dag / 'resources/toy/vit')}"}
     assert (res / "tables" / "toy_imagenet_r_T2.csv").is_file() and (res / "tables" / "toy_imagenet_r_combined.csv").is_file()
     assert (run / "R.csv").is_file() and list((res / "figures" / "summary").glob("accuracy_toy_imagenet_r*.png"))
     assert not list((run / "checkpoints").glob("*/task_001/state.safetensors"))  # only the last state is kept

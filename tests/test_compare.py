@@ -40,3 +40,35 @@ def test_compare_verdicts_and_exit_status(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "differs       t2i/toy_faces/T5/lora/A_clip" in out and "missing" in out
     assert len(pd.read_csv(tmp_path / "c.csv")) == 5
+
+
+def _runs(folder, weights: list[str | None]):
+    """One hand-made metrics.csv per seed, with ``weights`` as given (None: a row written before the column)."""
+    for seed, w in enumerate(weights):
+        run = folder / "runs" / "toy_faces" / "T5" / "lora" / f"seed{seed}"
+        run.mkdir(parents=True)
+        row = dict(track="t2i", benchmark="toy_faces", n_tasks=5, method="lora", seed=seed, metric="P_oracle",
+                   value=0.8, config_hash="abc", git_commit="def")
+        if w is not None:
+            row["weights"] = w
+        pd.DataFrame([row]).to_csv(run / "metrics.csv", index=False)
+
+
+def test_compare_says_whether_the_runs_used_the_same_models(tmp_path, capsys):
+    rest = "judge=111111111111;oracle=222222222222"
+    host_a, host_b = f"backbone=aaaaaaaaaaaa;{rest}", f"backbone=bbbbbbbbbbbb;{rest}"
+    ref, same, other, old = (_folder(tmp_path / n, REF) for n in ("ref", "same", "other", "old"))
+    _runs(ref, [host_a] * 3)
+    _runs(same, [host_a] * 3)
+    _runs(other, [host_b] * 3)
+    _runs(old, [host_a, None, host_a])
+    assert main(["compare", str(same), str(ref)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"model weights: the same in both folders ({host_a} (3 runs))")
+    main(["compare", str(other), str(ref)])
+    out = capsys.readouterr().out
+    assert out.startswith("model weights differ") and "backbone=bbbbbbbbbbbb" in out and "within noise" in out
+    main(["compare", str(old), str(ref)])
+    assert "unknown (1 runs)" in capsys.readouterr().out
+    main(["compare", str(_folder(tmp_path / "bare", REF)), str(ref)])
+    assert capsys.readouterr().out.startswith(f"model weights: no runs/**/metrics.csv in {tmp_path / 'bare'}")

@@ -1,6 +1,7 @@
 """The whole DAG on a minimal config in a temporary directory: tables, a no-op second run, kill + resume."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from continual_bench.utils import weights_fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
 CI_CONFIG = REPO / "config" / "ci.yaml"
@@ -65,6 +68,13 @@ def test_tables_and_summary(dag):
     for col in ("config_hash", "git_commit", "packages", "seed"):
         assert per_run[col].notna().all() and col in per_run
     assert "torch=" in per_run.packages.iloc[0]
+    # which models the numbers came from: byte-level fingerprints of the backbone the run trained, judge and oracle
+    toy = dag / "resources" / "toy"
+    train = json.loads((res / "runs/toy_faces/T2/lora_sequential/seed0/train.json").read_text())
+    assert train["backbone_weights"] == weights_fingerprint(toy / "sd-tiny")
+    fps = {role: weights_fingerprint(toy / sub) for role, sub in
+           (("backbone", "sd-tiny"), ("judge", "judge"), ("oracle", "oracle/toy_faces"))}
+    assert set(per_run.weights) == {f"backbone={fps['backbone']};judge={fps['judge']};oracle={fps['oracle']}"}
 
 
 def test_second_run_has_nothing_to_do(dag):

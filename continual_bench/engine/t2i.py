@@ -27,7 +27,7 @@ from ..backbones.model import T2IModel
 from ..data.datasets import PreparedDataset
 from ..methods.base import T2IMethod, Task, build_settings
 from ..methods.registry import get_method
-from ..utils import UserError, atomic_write_json, config_hash, file_sha256, stable_seed
+from ..utils import UserError, atomic_write_json, config_hash, file_sha256, stable_seed, weights_fingerprint
 from .runner import BaseRunSpec, TaskLoop, resolve_device, seed_task, train_sequence  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -184,8 +184,10 @@ def train_one_task(method: T2IMethod, task: Task, seed: int) -> dict:
 
 
 def write_train_summary(spec: RunSpec, metas: list[dict], out: str | Path) -> None:
-    """The run's manifest: the exact concept sequence drawn from the seed, tokens, prompts, per-task stats."""
+    """The run's manifest: the exact concept sequence drawn from the seed, tokens, prompts, per-task stats, and the
+    backbone's weights fingerprint (``backbone_weights``; ``evaluate`` carries it into the result rows)."""
     atomic_write_json(out, {"sequence": spec.sequence, "class_word": spec.tasks[0].class_word,
                             "dataset": str(spec.ds.root), "tokens": [t.token for t in spec.tasks],
                             "prompts": [t.prompt for t in spec.tasks], "method": spec.method_cls.name,
-                            "settings": spec.settings.__dict__, "seed": spec.seed, "tasks": metas})
+                            "settings": spec.settings.__dict__, "seed": spec.seed, "tasks": metas,
+                            "backbone_weights": weights_fingerprint(spec.backbone)})

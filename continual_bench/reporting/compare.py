@@ -12,9 +12,16 @@ both folders, with ``d = mean_run - mean_ref``:
   counts (``N_*``) are deterministic: they are identical or they differ.
 
 ``compare`` exits with status 1 when any cell differs or is missing, so a script can rely on it.
+
+Before the cells it says whether the two folders' runs used the same models: the ``weights`` column of their
+``runs/**/metrics.csv`` rows (:func:`continual_bench.utils.weights_fingerprint` of the backbone, judge and oracle).
+The same weights, packages and CPU give identical cells; the toy world pretrained on another CPU gives other weights,
+and then ``within noise`` is what a reproduction can reach. Rows written before the column existed (2026-12-02)
+leave it unknown.
 """
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
@@ -73,6 +80,40 @@ def compare_runs(run_dir: str | Path, ref_dir: str | Path) -> pd.DataFrame:
                      "verdict": _verdict(r.metric, d, se, fl, float(r.mean_ref)), "where": "both"})
     out = pd.DataFrame(rows)
     return out.sort_values(KEYS, kind="stable").reset_index(drop=True)
+
+
+def run_weights(run_dir: str | Path) -> dict[str, int]:
+    """The ``weights`` values of a result folder's runs (``runs/**/metrics.csv``, first row of each) -> how many runs
+    carry each; runs whose rows lack the column count under ``unknown``."""
+    out: dict[str, int] = {}
+    for path in sorted(Path(run_dir).glob("runs/**/metrics.csv")):
+        try:
+            with open(path, newline="") as f:
+                row = next(csv.DictReader(f), None) or {}
+        except (OSError, UnicodeDecodeError, csv.Error):
+            row = {}
+        value = row.get("weights") or "unknown"
+        out[value] = out.get(value, 0) + 1
+    return out
+
+
+def weights_note(run_dir: str | Path, ref_dir: str | Path) -> str:
+    """One line: did the two folders' runs use the same model weights (see the module docstring)?"""
+    run, ref = run_weights(run_dir), run_weights(ref_dir)
+    if not run or not ref:
+        return "model weights: no runs/**/metrics.csv in " + (str(run_dir) if not run else str(ref_dir))
+
+    def show(w: dict[str, int]) -> str:
+        return "; ".join(f"{v} ({n} runs)" for v, n in sorted(w.items()))
+
+    if "unknown" in run or "unknown" in ref:
+        return (f"model weights: not recorded for every run (run folder: {show(run)}; reference: {show(ref)}), "
+                "so whether both used the same models is unknown")
+    if set(run) == set(ref):
+        return (f"model weights: the same in both folders ({show(run)}); with the same packages and CPU every "
+                "cell should be identical")
+    return (f"model weights differ (run folder: {show(run)}; reference: {show(ref)}): cells cannot be expected to be "
+            "identical, 'within noise' is what a reproduction can reach")
 
 
 def format_comparison(df: pd.DataFrame) -> str:
