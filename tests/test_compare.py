@@ -64,7 +64,12 @@ def test_compare_says_whether_the_runs_used_the_same_models(tmp_path, capsys):
     _runs(old, [host_a, None, host_a])
     assert main(["compare", str(same), str(ref)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"model weights: the same in both folders ({host_a} (3 runs))")
+    same_line = f"model weights: the same in both folders (run folder: {host_a} (3 runs); reference: {host_a}"
+    assert out.startswith(same_line)
+    fewer = _folder(tmp_path / "fewer", REF)
+    _runs(fewer, [host_a])  # a folder with fewer runs, all on the reference's models
+    main(["compare", str(fewer), str(ref)])
+    assert capsys.readouterr().out.startswith("model weights: the same in both folders")
     main(["compare", str(other), str(ref)])
     out = capsys.readouterr().out
     assert out.startswith("model weights differ") and "backbone=bbbbbbbbbbbb" in out and "within noise" in out
