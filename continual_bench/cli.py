@@ -525,9 +525,11 @@ def cmd_write_config(a):
          opt("--out-metrics", required=True, help="metrics.csv to write"),
          opt("--out-acc", required=True, help="acc_matrix.csv to write"),
          opt("--out-R", help="the accuracy matrix in the R-matrix format the figures read (default: not written)"),
+         opt("--out-pred", help="predictions.npz: every evaluated image's predicted class after every task "
+             "(default: not written)"),
          group="cls", gpu=True)
 def cmd_train_cls(a):
-    from .engine.cls import ClsRunSpec, accuracy_matrix, train_sequence, write_train_summary
+    from .engine.cls import ClsRunSpec, accuracy_matrix, train_sequence, write_predictions, write_train_summary
     from .evaluation.cls_metrics import write_cls_results
     from .utils import provenance, weights_fingerprint
 
@@ -536,6 +538,8 @@ def cmd_train_cls(a):
                       augment=a.augment, image_size=a.image_size, workers=a.workers)
     metas = train_sequence(spec, a.ckpt_dir)
     write_train_summary(spec, metas, a.out_train)
+    if a.out_pred:
+        write_predictions(spec, metas, a.out_pred)
     ident = {"track": "cls", "benchmark": a.benchmark, "n_tasks": a.n_tasks, "method": a.method, "seed": a.seed}
     cfg = {"run": ident, "settings": spec.settings.__dict__, "order": spec.order, "augment": spec.augment,
            "backbone": str(spec.backbone)}

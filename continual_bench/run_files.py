@@ -19,6 +19,7 @@ META = "meta.json"
 _WHY = {
     "train.json": "training resumes from its checkpoints",
     "samples.npz": "the run's samples are generated again",
+    "predictions.npz": "train-cls writes it again from the checkpoints' meta.json",
     "metrics.csv": "the run is evaluated again",
     "R.csv": "the run is evaluated again",
     "acc_matrix.csv": "the run is trained and evaluated again from its checkpoints",

@@ -59,6 +59,29 @@ def test_cls_second_run_has_nothing_to_do(cls_dag):
     assert "Nothing to be done" in res.stdout + res.stderr
 
 
+def test_a_fresh_clone_recomputes_the_committed_runs(cls_dag, tmp_path):
+    """What git commits of a run (metrics, matrices, train.json, tables) does not stop a fresh clone from training
+    it again: predictions.npz (and the checkpoints, data and ViT) are not committed, so the DAG rebuilds them."""
+    import numpy as np
+
+    run = cls_dag / "results/ci_cls/runs/toy_imagenet_r/T2/coda_p/seed0"
+    p = np.load(run / "predictions.npz")
+    acc = pd.read_csv(run / "acc_matrix.csv")
+    last = acc[acc.after_task == 2].sort_values("task")
+    got = [100.0 * (p["pred"][1, p["task"] == t] == p["label"][p["task"] == t]).mean() for t in (1, 2)]
+    np.testing.assert_allclose(got, last.acc.to_numpy())
+    committed = subprocess.run(["git", "check-ignore", "-q", "--no-index", str(REPO / "results/x/runs/b/T2/m/seed0/predictions.npz")],
+                               cwd=REPO)
+    assert committed.returncode == 0  # ignored, as samples.npz
+    clone = tmp_path / "clone"
+    (clone / "results").mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(cls_dag / "results/ci_cls"), str(clone / "results")], check=True)
+    for f in list((clone / "results").rglob("predictions.npz")) + list((clone / "results").rglob("checkpoints")):
+        subprocess.run(["rm", "-rf", str(f)], check=True)
+    out = snakemake(clone, "-n").stdout
+    assert "toy_vit" in out and "train_cls" in out
+
+
 def test_one_summary_covers_both_tracks(tmp_path):
     """With t2i and cls runs configured, the tables job reads both tracks' metrics files (dry run)."""
     cfg = tmp_path / "both.yaml"

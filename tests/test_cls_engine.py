@@ -201,3 +201,51 @@ def test_untrained_tasks_take_no_step_and_the_passes_see_each_training_image_onc
     metas = train_sequence(spec(cls_world, "aper"), tmp_path / "a")
     assert [(m["epochs"], m["steps"]) for m in metas] == [(2, 4), (0, 0)]
     assert metas[0]["N_train"] > 0 and metas[1]["N_train"] == 0 and metas[1]["loss_last"] is None
+
+
+def _acc_from_predictions(p) -> np.ndarray:
+    """acc[t][i] recomputed from predictions.npz's arrays (NaN where row t has no prediction for task i)."""
+    T = p["pred"].shape[0]
+    acc = np.full((T, T), np.nan)
+    for t in range(T):
+        for i in range(T):
+            cols = p["task"] == i + 1
+            if (p["pred"][t, cols] >= 0).all():
+                acc[t, i] = 100.0 * (p["pred"][t, cols] == p["label"][cols]).mean()
+    return acc
+
+
+@pytest.mark.parametrize("method", ["coda_p", "upper_bound"])
+def test_predictions_reproduce_the_accuracy_matrix_and_survive_resume(cls_world, tmp_path, method):
+    from continual_bench.data.cls_data import ClsDataset
+    from continual_bench.engine.cls import predictions, write_predictions, write_train_summary
+
+    s = spec(cls_world, method)
+    metas = train_sequence(s, tmp_path / "ck")
+    write_predictions(s, metas, tmp_path / "predictions.npz")
+    p = dict(np.load(tmp_path / "predictions.npz"))
+    np.testing.assert_array_equal(_acc_from_predictions(p), accuracy_matrix(s, metas))
+    test = ClsDataset(cls_world / "toy_imagenet_r").split("test")
+    assert len(p["image"]) == len(test) and sorted(p["image"]) == list(range(len(test)))  # every test image once
+    np.testing.assert_array_equal(p["classes"][p["label"]], test.labels[p["image"]])  # labels are head positions
+    assert list(np.unique(p["task"])) == [1, 2] and str(p["split"]) == "test"
+    if method == "upper_bound":
+        assert (p["pred"][0] == -1).all() and (p["pred"][1] >= 0).all()
+    else:
+        assert (p["pred"][0][p["task"] == 2] == -1).all() and (p["pred"][1] >= 0).all()
+    write_train_summary(s, metas, tmp_path / "train.json")  # the predictions stay out of the committed summary
+    assert "pred" not in json.dumps(json.loads((tmp_path / "train.json").read_text())["train"])
+    again = predictions(s, train_sequence(spec(cls_world, method), tmp_path / "ck"))  # finished: read from meta.json
+    for k in ("pred", "label", "task", "image"):
+        np.testing.assert_array_equal(again[k], p[k])
+
+
+def test_predictions_of_old_checkpoints_are_marked_missing(cls_world, tmp_path, caplog):
+    from continual_bench.engine.cls import predictions
+
+    s = spec(cls_world, "ft")
+    metas = [{k: v for k, v in m.items() if k != "pred"} if m["task"] == 1 else m
+             for m in train_sequence(s, tmp_path)]
+    p = predictions(s, metas)
+    assert (p["pred"][0] == -1).all() and (p["pred"][1] >= 0).all()
+    assert "[1]" in caplog.text and "predictions" in caplog.text

@@ -27,12 +27,14 @@ DataLoader; nothing is cached. ``none`` = no augmentation.
 Resume and checkpoints are the shared engine's (:mod:`.runner`): before every task the method is rebuilt from the
 backbone on disk and the previous task's checkpoint, every task's randomness is seeded from (seed, task), and a
 killed run continues at the first task without a checkpoint and produces the same accuracy matrix. This track keeps
-only the last finished task's ``state.safetensors`` (every task's accuracies are in its ``meta.json``); a resumed
-run starts from the latest task whose state matches its recorded sha256 (from the first task when none does:
-earlier states are not kept), with a warning naming the file.
+only the last finished task's ``state.safetensors`` (every task's accuracies and predictions are in its
+``meta.json``; ``predictions.npz``: :func:`predictions`); a resumed run starts from the latest task whose state
+matches its recorded sha256 (from the first task when none does: earlier states are not kept), with a warning
+naming the file.
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -44,13 +46,15 @@ from ..data.cls_data import ClsDataset, Split, class_order, holdout_split, load_
 from ..methods.base import build_settings
 from ..methods.cls_base import ClsMethod, ClsTask, cosine_factor
 from ..methods.registry import get_method
-from ..utils import UserError, atomic_write_json, seed_everything, stable_seed
+from ..utils import UserError, atomic_path, atomic_write_json, seed_everything, stable_seed
 from .runner import BaseRunSpec, TaskLoop, amp_context, resolve_device, seed_task, train_sequence  # noqa: F401
 
 AUGMENTS = ("flip", "rrc", "none")
 PRECISIONS = ("bf16", "fp32")
 # Settings added after checkpoints existed, at the value that reproduces the code those checkpoints were written
 # with: left out of the fingerprint, so an interrupted run started before they existed still resumes.
+log = logging.getLogger(__name__)
+
 FINGERPRINT_NEUTRAL = {"val_fraction": 0.0, "precision": "bf16", "key_loss": "per_sample", "test_keys": "seen"}
 
 
@@ -136,7 +140,7 @@ class ClsRunSpec(BaseRunSpec):
         def train_and_evaluate(method: ClsMethod, task: ClsTask) -> dict:
             meta = train_one_task(method, task, data, self)
             eval_tasks = self.tasks if self.method_cls.joint else self.tasks[:task.index]
-            meta["acc"] = evaluate_seen(method, data, self, task.hi, eval_tasks)
+            meta["acc"], meta["pred"] = evaluate_seen(method, data, self, task.hi, eval_tasks)
             return meta
 
         return train_and_evaluate
@@ -310,13 +314,15 @@ def train_one_task(method: ClsMethod, task: ClsTask, data: TaskData, spec: ClsRu
 
 
 @torch.no_grad()
-def evaluate_seen(method: ClsMethod, data: TaskData, spec: ClsRunSpec, hi: int, eval_tasks: list[ClsTask]) -> list[float]:
-    """Top-1 accuracy (%) on each of ``eval_tasks``' test images, logits over outputs ``[0, hi)``."""
+def evaluate_seen(method: ClsMethod, data: TaskData, spec: ClsRunSpec, hi: int,
+                  eval_tasks: list[ClsTask]) -> tuple[list[float], list[list[int]]]:
+    """Top-1 accuracy (%) on each of ``eval_tasks``' test images, logits over outputs ``[0, hi)``, and each
+    image's predicted output (head position), in the order of :meth:`TaskData.indices`."""
     method.eval()
     amp = amp_context(spec.device, spec.settings.precision)
-    accs = []
+    accs, preds = [], []
     for task in eval_tasks:
-        correct, total = 0, 0
+        correct, total, pred = 0, 0, []
         if data.in_memory:
             x, y = data.test_tensor(task)
             if task.index not in data._test_cache:
@@ -330,12 +336,15 @@ def evaluate_seen(method: ClsMethod, data: TaskData, spec: ClsRunSpec, hi: int, 
         for x, y, c in chunks:
             with amp():
                 logits = method.logits(x.to(spec.device), c or None)[:, :hi]
-            correct += int((logits.float().argmax(1).cpu() == y).sum())
+            p = logits.float().argmax(1).cpu()
+            correct += int((p == y).sum())
             total += len(y)
+            pred += p.tolist()
         if total == 0:
             raise UserError(f"{spec.ds.root}: no {spec.eval_split} images for task {task.index} (classes {task.classes})")
         accs.append(100.0 * correct / total)
-    return accs
+        preds.append(pred)
+    return accs, preds
 
 
 def accuracy_matrix(spec: ClsRunSpec, metas: list[dict]) -> np.ndarray:
@@ -352,7 +361,46 @@ def accuracy_matrix(spec: ClsRunSpec, metas: list[dict]) -> np.ndarray:
 
 
 def write_train_summary(spec: ClsRunSpec, metas: list[dict], out: str | Path) -> None:
+    """``train.json``: the run's protocol and every task's meta.json, less the predictions (``predictions.npz``)."""
     atomic_write_json(out, {"method": spec.method_cls.name, "settings": spec.settings.__dict__, "seed": spec.seed,
                             "order": spec.order, "tasks": [t.classes for t in spec.tasks], "joint": spec.method_cls.joint,
                             "augment": spec.augment, "eval_split": spec.eval_split, "backbone": str(spec.backbone),
-                            "train": metas})
+                            "train": [{k: v for k, v in m.items() if k != "pred"} for m in metas]})
+
+
+def predictions(spec: ClsRunSpec, metas: list[dict]) -> dict[str, np.ndarray]:
+    """Every evaluated image's predicted class after every task, as arrays (the contents of ``predictions.npz``).
+
+    Columns are the evaluated images of tasks 1..T in task order (the order :func:`evaluate_seen` reads them):
+    ``label`` (true head position), ``task`` (1-based), ``image`` (index into the evaluated split: the test split,
+    or the held-out training images with ``val_fraction``); ``pred[t, j]`` = head position predicted for image ``j``
+    after task ``t + 1`` (-1: not evaluated then; a joint run fills only the last row, as in
+    :func:`accuracy_matrix`); ``classes[p]`` = class id of head position ``p``. ``acc[t][i]`` is the mean of
+    ``pred[t] == label`` over task ``i``'s columns. Tasks whose meta.json predates predictions (checkpoints written
+    before 2026-12-02) leave their row at -1, with a warning."""
+    data = TaskData(spec)
+    idx = [data.indices("test", t) for t in spec.tasks]
+    image = np.concatenate(idx).astype(np.int64)
+    label = spec.position[data.test.labels[image]].astype(np.int16)
+    task = np.concatenate([np.full(len(i), t.index, dtype=np.int16) for t, i in zip(spec.tasks, idx)])
+    pred = np.full((spec.n_tasks, len(image)), -1, dtype=np.int16)
+    rows = [(spec.n_tasks, metas[0])] if spec.method_cls.joint else [(m["task"], m) for m in metas]
+    missing = []
+    for row, m in rows:
+        if "pred" not in m:
+            missing.append(m.get("task", row))
+            continue
+        flat = np.concatenate([np.asarray(p, dtype=np.int16) for p in m["pred"]]) if m["pred"] else np.empty(0, np.int16)
+        pred[row - 1, :len(flat)] = flat
+    if missing:
+        log.warning("%s: tasks %s were evaluated before predictions were recorded: their rows of predictions.npz "
+                    "are -1 (delete the run's checkpoints to evaluate them again)", spec.method_cls.name, missing)
+    return {"pred": pred, "label": label, "task": task, "image": image,
+            "classes": np.asarray(spec.order, dtype=np.int64), "split": np.asarray(spec.eval_split)}
+
+
+def write_predictions(spec: ClsRunSpec, metas: list[dict], out: str | Path) -> None:
+    """``predictions.npz`` (:func:`predictions`), written atomically."""
+    arrays = predictions(spec, metas)
+    with atomic_path(out) as tmp:
+        np.savez_compressed(tmp, **arrays)

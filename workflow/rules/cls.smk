@@ -3,7 +3,8 @@
 # paper profile: ImageNet-R (images + CODA-P split files) and ViT-B/16 safetensors, fetched and prepared by
 # the rules in fetch.smk.
 # Runs write metrics.csv (same long format as t2i, so the tables rule summarizes both tracks),
-# acc_matrix.csv, R.csv (the same matrix in the t2i R format, for the figures) and train.json;
+# acc_matrix.csv, R.csv (the same matrix in the t2i R format, for the figures), train.json and predictions.npz
+# (every test image's predicted class after every task; not committed, so a fresh clone trains the runs again);
 # checkpoints live next to them, undeclared, so a killed job resumes; its log is appended to (see t2i.smk),
 # and its outputs are update(): a failed rerun puts the previous files back.
 ruleorder: toy_imagenet_r_data > toy_data
@@ -58,6 +59,8 @@ rule train_cls:
         acc=update(f"{CLS_RUN_DIR}/acc_matrix.csv"),
         R=update(f"{CLS_RUN_DIR}/R.csv"),
         train=update(f"{CLS_RUN_DIR}/train.json"),
+        # not committed (.gitignore), like the text-to-image runs' samples.npz: a fresh clone recomputes the run
+        pred=update(f"{CLS_RUN_DIR}/predictions.npz"),
     params:
         log=lambda w, output: Path(output.metrics).parent / "logs" / "train_cls.log",
         backbone=cls_backbone,
@@ -82,6 +85,7 @@ rule train_cls:
         "--method {wildcards.method:q} --n-tasks {wildcards.n_tasks:q} --seed {wildcards.seed:q} "
         "--settings {params.settings:q} --ckpt-dir {params.ckpt:q} --device {params.device:q} {params.extra} "
         "--out-train {output.train:q} --out-metrics {output.metrics:q} --out-acc {output.acc:q} --out-R {output.R:q} "
+        "--out-pred {output.pred:q} "
         "2>> {params.log:q} "
         # the log is not a declared output, so --show-failed-logs cannot print it: a failure prints its tail instead
         "|| {{ rc=$?; echo last lines of {params.log:q} >&2; tail -n 20 {params.log:q} >&2; exit $rc; }}"
