@@ -51,10 +51,9 @@ from .runner import BaseRunSpec, TaskLoop, amp_context, resolve_device, seed_tas
 
 AUGMENTS = ("flip", "rrc", "none")
 PRECISIONS = ("bf16", "fp32")
+log = logging.getLogger(__name__)
 # Settings added after checkpoints existed, at the value that reproduces the code those checkpoints were written
 # with: left out of the fingerprint, so an interrupted run started before they existed still resumes.
-log = logging.getLogger(__name__)
-
 FINGERPRINT_NEUTRAL = {"val_fraction": 0.0, "precision": "bf16", "key_loss": "per_sample", "test_keys": "seen"}
 
 
