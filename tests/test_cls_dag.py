@@ -75,11 +75,14 @@ def test_a_fresh_clone_recomputes_the_committed_runs(cls_dag, tmp_path):
     assert committed.returncode == 0  # ignored, as samples.npz
     clone = tmp_path / "clone"
     (clone / "results").mkdir(parents=True)
-    subprocess.run(["cp", "-r", str(cls_dag / "results/ci_cls"), str(clone / "results")], check=True)
+    subprocess.run(["cp", "-a", str(cls_dag / "results/ci_cls"), str(clone / "results")], check=True)
     for f in list((clone / "results").rglob("predictions.npz")) + list((clone / "results").rglob("checkpoints")):
         subprocess.run(["rm", "-rf", str(f)], check=True)
     out = snakemake(clone, "-n").stdout
-    assert "toy_vit" in out and "train_cls" in out
+    assert "Job stats:" in out, out[-2000:]  # without predictions.npz among the targets: "Nothing to be done"
+    table = out.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:]  # job / count rows up to the blank line
+    jobs = {l.split()[0]: int(l.split()[1]) for l in table}
+    assert jobs.get("toy_vit") == 1 and jobs.get("train_cls") == 3, out[-2000:]  # the three runs of ci_cls.yaml
 
 
 def test_one_summary_covers_both_tracks(tmp_path):

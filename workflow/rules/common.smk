@@ -156,7 +156,12 @@ def all_outputs():
     # would leave it missing while summary.csv exists, and the tables would silently lose the run)
     return [f"{RESULTS}/summary.csv", f"{RESULTS}/config.yaml"] + run_targets(
         "{results}/runs/{benchmark}/T{n_tasks}/{method}/seed{seed}/metrics.csv") + run_targets(
-        "{results}/figures/samples/{benchmark}_T{n_tasks}_{method}_seed{seed}.png")
+        "{results}/figures/samples/{benchmark}_T{n_tasks}_{method}_seed{seed}.png") + expand(
+        # targets themselves, as the t2i runs' sample figures: nothing asks for an uncommitted file of a cls run
+        # otherwise, and Snakemake keeps a job whose requested outputs exist (a fresh clone would keep the committed
+        # cls runs instead of training them again)
+        f"{CLS_RUN_DIR}/predictions.npz", results=RESULTS, benchmark=config["cls_benchmarks"],
+        n_tasks=config["cls_n_tasks"], method=config["cls_methods"], seed=config["cls_seeds"])
 
 
 def toy(key):
