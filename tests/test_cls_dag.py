@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,11 +74,9 @@ def test_a_fresh_clone_recomputes_the_committed_runs(cls_dag, tmp_path):
     committed = subprocess.run(["git", "check-ignore", "-q", "--no-index", str(REPO / "results/x/runs/b/T2/m/seed0/predictions.npz")],
                                cwd=REPO)
     assert committed.returncode == 0  # ignored, as samples.npz
-    clone = tmp_path / "clone"
-    (clone / "results").mkdir(parents=True)
-    subprocess.run(["cp", "-a", str(cls_dag / "results/ci_cls"), str(clone / "results")], check=True)
-    for f in list((clone / "results").rglob("predictions.npz")) + list((clone / "results").rglob("checkpoints")):
-        subprocess.run(["rm", "-rf", str(f)], check=True)
+    clone = tmp_path / "clone"  # the committed files with their mtimes (copy2), as a clone has them
+    shutil.copytree(cls_dag / "results/ci_cls", clone / "results/ci_cls", copy_function=shutil.copy2,
+                    ignore=shutil.ignore_patterns("predictions.npz", "checkpoints"))
     out = snakemake(clone, "-n").stdout
     assert "Job stats:" in out, out[-2000:]  # without predictions.npz among the targets: "Nothing to be done"
     table = out.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:]  # job / count rows up to the blank line

@@ -389,7 +389,7 @@ def predictions(spec: ClsRunSpec, metas: list[dict]) -> dict[str, np.ndarray]:
         if "pred" not in m:
             missing.append(m.get("task", row))
             continue
-        flat = np.concatenate([np.asarray(p, dtype=np.int16) for p in m["pred"]]) if m["pred"] else np.empty(0, np.int16)
+        flat = np.concatenate(m["pred"]).astype(np.int16)  # the evaluated tasks 1.. in order (evaluate_seen)
         pred[row - 1, :len(flat)] = flat
     if missing:
         log.warning("%s: tasks %s were evaluated before predictions were recorded: their rows of predictions.npz "

@@ -146,9 +146,14 @@ def run_targets(pattern):
     out = expand(pattern, results=RESULTS, benchmark=config["benchmarks"], n_tasks=config["n_tasks"],
                  method=config["methods"], seed=config["seeds"])
     if pattern.startswith("{results}/runs/"):
-        out += expand(pattern, results=RESULTS, benchmark=config["cls_benchmarks"], n_tasks=config["cls_n_tasks"],
-                      method=config["cls_methods"], seed=config["cls_seeds"])
+        out += cls_run_targets(pattern)
     return out
+
+
+def cls_run_targets(pattern):
+    """Files of every configured classification run."""
+    return expand(pattern, results=RESULTS, benchmark=config["cls_benchmarks"], n_tasks=config["cls_n_tasks"],
+                  method=config["cls_methods"], seed=config["cls_seeds"])
 
 
 def all_outputs():
@@ -156,12 +161,11 @@ def all_outputs():
     # would leave it missing while summary.csv exists, and the tables would silently lose the run)
     return [f"{RESULTS}/summary.csv", f"{RESULTS}/config.yaml"] + run_targets(
         "{results}/runs/{benchmark}/T{n_tasks}/{method}/seed{seed}/metrics.csv") + run_targets(
-        "{results}/figures/samples/{benchmark}_T{n_tasks}_{method}_seed{seed}.png") + expand(
+        "{results}/figures/samples/{benchmark}_T{n_tasks}_{method}_seed{seed}.png") + cls_run_targets(
         # targets themselves, as the t2i runs' sample figures: nothing asks for an uncommitted file of a cls run
         # otherwise, and Snakemake keeps a job whose requested outputs exist (a fresh clone would keep the committed
         # cls runs instead of training them again)
-        f"{CLS_RUN_DIR}/predictions.npz", results=RESULTS, benchmark=config["cls_benchmarks"],
-        n_tasks=config["cls_n_tasks"], method=config["cls_methods"], seed=config["cls_seeds"])
+        f"{CLS_RUN_DIR}/predictions.npz")
 
 
 def toy(key):
