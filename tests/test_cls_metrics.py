@@ -75,3 +75,57 @@ def test_result_files_have_the_t2i_long_format(tmp_path):
     summary = summarize(load_metrics([tmp_path / "metrics.csv"]))  # the reporting code reads it unchanged
     assert set(summary.metric) == {"A_N", "F_N", "F_avl", "P_N", "N_train", "N_store"}
     assert summary.track.unique().tolist() == ["cls"]
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 5])
+def test_metric_weights_are_the_metrics(T):
+    """sampling_sd propagates through sum(W * acc): W must give exactly A_N, F_N, F_avl and P_N."""
+    acc = np.tril(np.random.default_rng(T).uniform(0, 100, (T, T)))
+    acc[np.triu_indices(T, 1)] = NAN
+    for metric, fn in [("A_N", M.average_accuracy), ("P_N", M.plasticity), ("F_N", M.forgetting_coda),
+                       ("F_avl", M.forgetting_avalanche)]:
+        if T < 2 and metric.startswith("F"):
+            continue
+        W = M.metric_weights(metric, T)
+        assert not W[np.isnan(acc)].any()  # no weight on a cell that is never evaluated
+        assert np.sum(W * np.nan_to_num(acc)) == pytest.approx(fn(acc))
+
+
+# two tasks of 4 test images; rows: after task 1, after task 2 (-1: task 2 not evaluated yet)
+LABEL = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+TASK = np.array([1, 1, 1, 1, 2, 2, 2, 2])
+PRED = np.array([[0, 0, 0, 1, -1, -1, -1, -1],    # task 1: 3 of 4 right (75)
+                 [0, 1, 1, 1, 1, 1, 1, 0]])       # task 1: 1 of 4 (25); task 2: 3 of 4 (75)
+ACC2 = np.array([[75.0, NAN], [25.0, 75.0]])
+
+
+def test_sampling_sd_by_hand():
+    from_matrix = M.sampling_sd(ACC2, [4, 4])
+    # A_N = (acc[1][0] + acc[1][1]) / 2: var = (1/4) (25 * 75 / 4 + 75 * 25 / 4) = 234.375; P_N likewise
+    assert from_matrix["A_N"] == pytest.approx(math.sqrt(234.375))
+    assert from_matrix["P_N"] == pytest.approx(math.sqrt(234.375))
+    # F_avl = F_N = acc[0][0] - acc[1][0], cells taken as independent: 75 * 25 / 4 + 25 * 75 / 4 = 937.5
+    assert from_matrix["F_avl"] == pytest.approx(math.sqrt(937.5)) and from_matrix["F_N"] == from_matrix["F_avl"]
+    paired = M.sampling_sd(ACC2, [4, 4], correct=PRED == LABEL, task=TASK)
+    # one cell per task: the same as the matrix's form
+    assert paired["A_N"] == pytest.approx(from_matrix["A_N"]) and paired["P_N"] == pytest.approx(from_matrix["P_N"])
+    # paired: per image 100 * (right after task 1 - right after task 2) = [0, 100, 100, 0]: var 2500, / 4 images
+    assert paired["F_avl"] == pytest.approx(25.0) and paired["F_N"] == pytest.approx(25.0)
+    joint = np.array([[NAN, NAN], [25.0, 75.0]])  # a joint run: A_N only
+    assert set(M.sampling_sd(joint, [4, 4])) == {"A_N"}
+
+
+def test_run_sampling_sd_reads_predictions_that_match_the_matrix(tmp_path, caplog):
+    ident = {"track": "cls", "benchmark": "b", "n_tasks": 2, "method": "ft", "seed": 0}
+    M.write_cls_results(ACC2, n_test=[4, 4], n_train=1.0, n_store=1.0, ident=ident, provenance={},
+                        out_metrics=tmp_path / "metrics.csv", out_acc=tmp_path / "acc_matrix.csv")
+    sd, source = M.run_sampling_sd(tmp_path)
+    assert source == "acc_matrix" and sd["F_avl"] == pytest.approx(math.sqrt(937.5))
+    np.savez(tmp_path / "predictions.npz", pred=PRED, label=LABEL, task=TASK)
+    sd, source = M.run_sampling_sd(tmp_path)
+    assert source == "predictions" and sd["F_avl"] == pytest.approx(25.0)
+    other = PRED.copy()
+    other[1, 0] = 1  # another run's predictions: task 1 at 0 % after task 2, not 25 %
+    np.savez(tmp_path / "predictions.npz", pred=other, label=LABEL, task=TASK)
+    sd, source = M.run_sampling_sd(tmp_path)
+    assert source == "acc_matrix" and "does not match" in caplog.text

@@ -1,5 +1,9 @@
 """continual-bench compare: identical / within noise / differs / missing on two hand-made result folders."""
+import math
+
+import numpy as np
 import pandas as pd
+import pytest
 
 from continual_bench.cli import main
 from continual_bench.reporting.compare import compare_runs
@@ -77,3 +81,42 @@ def test_compare_says_whether_the_runs_used_the_same_models(tmp_path, capsys):
     assert "unknown (1 runs)" in capsys.readouterr().out
     main(["compare", str(_folder(tmp_path / "bare", REF)), str(ref)])
     assert capsys.readouterr().out.startswith(f"model weights: no runs/**/metrics.csv in {tmp_path / 'bare'}")
+
+
+def _cls_folder(path, acc, cells, n_test=100):
+    """A one-seed classification folder: summary.csv ``cells`` and the run's acc_matrix.csv (T = 2)."""
+    from continual_bench.evaluation.cls_metrics import write_cls_results
+
+    path.mkdir()
+    rows = [dict(track="cls", benchmark="toy_imagenet_r", n_tasks=2, method="ft", metric=k, mean=v, std=0.0,
+                 n_seeds=1) for k, v in cells.items()]
+    pd.DataFrame(rows).to_csv(path / "summary.csv", index=False)
+    run = path / "runs" / "toy_imagenet_r" / "T2" / "ft" / "seed0"
+    run.mkdir(parents=True)
+    ident = dict(track="cls", benchmark="toy_imagenet_r", n_tasks=2, method="ft", seed=0)
+    write_cls_results(np.array(acc), n_test=[n_test, n_test], n_train=1.0, n_store=1.0, ident=ident, provenance={},
+                      out_metrics=run / "metrics.csv", out_acc=run / "acc_matrix.csv")
+    return path
+
+
+def test_one_seed_accuracies_are_judged_against_the_test_sets_sampling_noise(tmp_path, capsys):
+    """One classification seed has no seed std: the floor is the test set's own (cls_metrics.sampling_sd)."""
+    nan = float("nan")
+    ref = _cls_folder(tmp_path / "ref", [[80.0, nan], [40.0, 70.0]],
+                      {"A_N": 55.0, "P_N": 75.0, "F_N": 40.0, "N_train": 1.0})
+    run = _cls_folder(tmp_path / "run", [[80.0, nan], [40.0, 80.0]],
+                      {"A_N": 60.0, "P_N": 80.0, "F_N": 60.0, "N_train": 2.0})
+    df = compare_runs(run, ref).set_index("metric")
+    # A_N: var_ref = (40 * 60 + 70 * 30) / 100 / 4 = 11.25, var_run = (40 * 60 + 80 * 20) / 100 / 4 = 10
+    assert df.at["A_N", "floor"] == pytest.approx(2 * math.sqrt(11.25 + 10))
+    assert df.at["A_N", "verdict"] == "within noise" and df.at["A_N", "d_over_floor"] == pytest.approx(5 / 9.2195, 1e-4)
+    assert df.at["P_N", "verdict"] == "within noise"  # 5 < 2 sqrt(9.25 + 8) = 8.31
+    # F_N = acc[0][0] - acc[1][0]: var = (80 * 20 + 40 * 60) / 100 = 40 in each folder; 20 > 2 sqrt(80) = 17.9
+    assert df.at["F_N", "floor"] == pytest.approx(2 * math.sqrt(80)) and df.at["F_N", "verdict"] == "differs"
+    assert df.at["N_train", "verdict"] == "differs" and math.isnan(df.at["N_train", "floor"])
+    bare = tmp_path / "bare"  # a folder without its runs borrows the other folder's sampling sd
+    bare.mkdir()
+    (run / "summary.csv").rename(bare / "summary.csv")
+    assert compare_runs(bare, ref).set_index("metric").at["A_N", "floor"] == pytest.approx(2 * math.sqrt(2 * 11.25))
+    assert main(["compare", str(bare), str(ref)]) == 1
+    assert "within noise  cls/toy_imagenet_r/T2/ft/A_N" in capsys.readouterr().out

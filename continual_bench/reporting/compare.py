@@ -4,11 +4,16 @@ A cell is (track, benchmark, n_tasks, method, metric) with its mean and sample s
 both folders, with ``d = mean_run - mean_ref``:
 
 * ``d / sd_ref``: the difference in units of the reference's seed std (how many "seeds" apart);
-* ``d / floor``: in units of the metric's noise floor for that column (``evaluation/noise_floor.py``, from the
-  folders' ``noise_floor.csv``; text-to-image metrics only);
+* ``d / floor``: in units of the metric's noise floor for that cell: text-to-image columns from the folders'
+  ``noise_floor.csv`` (``evaluation/noise_floor.py``); classification accuracies (``A_N``, ``F_N``, ``F_avl``,
+  ``P_N``) from the runs' own test sets, ``2 * sqrt(s_run^2 + s_ref^2)`` with ``s`` a folder's test-set sampling sd
+  of its seed mean (:func:`continual_bench.evaluation.cls_metrics.sampling_sd` of each seed's run,
+  ``sqrt(sum s_seed^2) / n_seeds``): two standard deviations of the gap between two cells that differ only by the
+  draw of the test images. Each folder's runs give theirs from ``predictions.npz`` where present (a fresh run),
+  else from ``acc_matrix.csv`` (a committed folder); a folder without run files borrows the other's;
 * the verdict: ``identical`` when the means are equal (to 1e-9 relative), ``within noise`` when
   ``|d| <= 2 * sqrt(sd_run^2 / n_run + sd_ref^2 / n_ref)`` (two standard errors of the difference of two seed means)
-  or ``|d|`` is inside the column's floor, else ``differs``; a cell in only one folder is ``missing``. Parameter
+  or ``|d|`` is inside the cell's floor, else ``differs``; a cell in only one folder is ``missing``. Parameter
   counts (``N_*``) are deterministic: they are identical or they differ.
 
 ``compare`` exits with status 1 when any cell differs or is missing, so a script can rely on it.
@@ -56,6 +61,30 @@ def _verdict(metric: str, d: float, se: float, floor: float | None, ref_mean: fl
     return "differs"
 
 
+def _cls_sd(folder: Path, benchmark: str, n_tasks: int, method: str, metric: str) -> float | None:
+    """A folder's test-set sampling sd of one classification cell's seed mean (module docstring), or None."""
+    from ..evaluation.cls_metrics import run_sampling_sd
+
+    sds = []
+    for path in sorted((folder / "runs" / str(benchmark) / f"T{int(n_tasks)}" / str(method)).glob("*/acc_matrix.csv")):
+        sd = run_sampling_sd(path.parent)[0].get(metric)
+        if sd is None:
+            return None
+        sds.append(sd)
+    return math.sqrt(sum(v * v for v in sds)) / len(sds) if sds else None
+
+
+def _cls_floor(run_dir: Path, ref_dir: Path, cell: dict) -> float | None:
+    if cell["track"] != "cls" or cell["metric"] not in ("A_N", "F_N", "F_avl", "P_N"):
+        return None
+    key = (cell["benchmark"], cell["n_tasks"], cell["method"], cell["metric"])
+    run, ref = _cls_sd(run_dir, *key), _cls_sd(ref_dir, *key)
+    if run is None and ref is None:
+        return None
+    run, ref = (ref if run is None else run), (run if ref is None else ref)
+    return 2 * math.sqrt(run ** 2 + ref ** 2)
+
+
 def compare_runs(run_dir: str | Path, ref_dir: str | Path) -> pd.DataFrame:
     """One row per cell: both means and stds, ``d``, ``d_over_sd`` (reference seed std), ``d_over_floor``, verdict."""
     run, ref = _summary(Path(run_dir)), _summary(Path(ref_dir))
@@ -74,9 +103,11 @@ def compare_runs(run_dir: str | Path, ref_dir: str | Path) -> pd.DataFrame:
         sd_ref = float(r.std_ref) if math.isfinite(float(r.std_ref)) else 0.0
         se = math.sqrt(sd_run ** 2 / n_run + sd_ref ** 2 / n_ref)
         fl = floor_of_column(floor, r.benchmark, r.metric, int(r.n_tasks), min(n_run, n_ref))
+        if fl is None:
+            fl = _cls_floor(Path(run_dir), Path(ref_dir), cell)
         rows.append({**cell, "mean_run": float(r.mean_run), "mean_ref": float(r.mean_ref), "std_ref": sd_ref, "d": d,
                      "d_over_sd": d / sd_ref if sd_ref > 0 else (0.0 if d == 0 else math.inf),
-                     "d_over_floor": d / fl if fl else math.nan,
+                     "floor": fl if fl else math.nan, "d_over_floor": d / fl if fl else math.nan,
                      "verdict": _verdict(r.metric, d, se, fl, float(r.mean_ref)), "where": "both"})
     out = pd.DataFrame(rows)
     return out.sort_values(KEYS, kind="stable").reset_index(drop=True)
@@ -126,7 +157,7 @@ def format_comparison(df: pd.DataFrame) -> str:
         if r.verdict == "missing":
             lines.append(f"  missing       {where} ({r.where})")
             continue
-        fl = "" if not math.isfinite(r.d_over_floor) else f", {r.d_over_floor:+.2f} floors"
-        lines.append(f"  {r.verdict:13s} {where}: {r.mean_run:.6g} vs {r.mean_ref:.6g} "
-                     f"(d {r.d:+.4g} = {r.d_over_sd:+.2f} seed sd{fl})")
+        fl = "" if not math.isfinite(r.d_over_floor) else f", {r.d_over_floor:+.2f} floors of {r.floor:.3g}"
+        sd = f"{r.d_over_sd:+.2f} seed sd" if math.isfinite(r.d_over_sd) else "no seed sd in the reference"
+        lines.append(f"  {r.verdict:13s} {where}: {r.mean_run:.6g} vs {r.mean_ref:.6g} (d {r.d:+.4g} = {sd}{fl})")
     return "\n".join(lines)
