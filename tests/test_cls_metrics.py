@@ -129,3 +129,12 @@ def test_run_sampling_sd_reads_predictions_that_match_the_matrix(tmp_path, caplo
     np.savez(tmp_path / "predictions.npz", pred=other, label=LABEL, task=TASK)
     sd, source = M.run_sampling_sd(tmp_path)
     assert source == "acc_matrix" and "does not match" in caplog.text
+
+
+def test_run_sampling_sd_never_guesses_the_test_set_size(tmp_path, caplog):
+    ident = {"track": "cls", "benchmark": "b", "n_tasks": 2, "method": "ft", "seed": 0}
+    M.write_cls_results(ACC2, n_test=None, n_train=1.0, n_store=1.0, ident=ident, provenance={},
+                        out_metrics=tmp_path / "metrics.csv", out_acc=tmp_path / "acc_matrix.csv")
+    assert M.run_sampling_sd(tmp_path) == ({}, "none") and "n_test" in caplog.text
+    pd.read_csv(tmp_path / "acc_matrix.csv").drop(columns="n_test").to_csv(tmp_path / "acc_matrix.csv", index=False)
+    assert M.run_sampling_sd(tmp_path) == ({}, "none")

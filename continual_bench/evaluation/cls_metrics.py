@@ -158,7 +158,8 @@ def sampling_sd(acc, n_test, correct=None, task=None) -> dict[str, float]:
 
 def run_sampling_sd(run_dir) -> tuple[dict[str, float], str]:
     """:func:`sampling_sd` of one run folder (``acc_matrix.csv``, and ``predictions.npz`` where the run wrote one and
-    it matches the matrix) -> (sd per metric, ``"predictions"`` or ``"acc_matrix"``: which form was used)."""
+    it matches the matrix) -> (sd per metric, ``"predictions"`` or ``"acc_matrix"``: which form was used; ``{}`` and
+    ``"none"`` when the matrix does not give every task's ``n_test``)."""
     from pathlib import Path
 
     from ..run_files import read_csv
@@ -167,11 +168,13 @@ def run_sampling_sd(run_dir) -> tuple[dict[str, float], str]:
     mat = read_csv(run_dir / "acc_matrix.csv")
     T = int(mat["n_tasks"].iloc[0]) if "n_tasks" in mat.columns and len(mat) else int(mat["after_task"].max())
     acc = np.full((T, T), np.nan)
-    n_test = np.ones(T)
+    n_test = np.full(T, np.nan)
     for r in mat.itertuples(index=False):
         acc[int(r.after_task) - 1, int(r.task) - 1] = float(r.acc)
-        if pd.notna(r.n_test):
-            n_test[int(r.task) - 1] = float(r.n_test)
+        n_test[int(r.task) - 1] = float(getattr(r, "n_test", np.nan))
+    if not (np.isfinite(n_test) & (n_test > 0)).all():  # the set sizes are what the sd scales with: never guess them
+        log.warning("%s: no n_test for every task, so no sampling sd", run_dir / "acc_matrix.csv")
+        return {}, "none"
     pred_path = run_dir / "predictions.npz"
     if pred_path.is_file():
         try:
