@@ -209,6 +209,25 @@ def cmd_compare(a) -> int:
     return 1 if df.verdict.isin(["differs", "missing"]).any() else 0
 
 
+@command("profile", "where a DAG run's time went: its jobs' wall and CPU time and peak memory (Snakemake's "
+                    "benchmark files) per step and per method, and the fastest any schedule could be",
+         opt("run_dir", help="the result folder (results/<run_name>)"),
+         opt("--shared", nargs="*", default=["logs/toy", "logs/paper"],
+             help="folders of the benchmark files of the shared models and data (default: logs/toy logs/paper)"),
+         opt("--cores", type=int, default=2, help="cores (or GPUs) the bound is computed for (default: 2)"),
+         opt("--elapsed", type=float, help="the run's elapsed seconds (Snakemake prints them): adds its efficiency"),
+         opt("--out", help="also write every job as CSV here"),
+         group="user")
+def cmd_profile(a):
+    from .reporting.profile import benchmark_files, format_profile, profile, read_benchmarks
+    from .utils import atomic_write_text
+
+    jobs = read_benchmarks(benchmark_files(a.run_dir, a.shared), a.run_dir)
+    print(format_profile(profile(jobs, a.cores), a.elapsed))
+    if a.out:
+        atomic_write_text(a.out, jobs.to_csv(index=False, float_format="%.6g"))
+
+
 @command("bench", "time our training and sampling paths beside the field's reference recipes "
                   "(results/bench/<host>.csv; random weights, nothing downloaded)",
          opt("--out", help="CSV to write (default: results/bench/<host>.csv)"),

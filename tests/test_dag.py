@@ -77,6 +77,25 @@ def test_tables_and_summary(dag):
     assert set(per_run.weights) == {f"backbone={fps['backbone']};judge={fps['judge']};oracle={fps['oracle']}"}
 
 
+def test_every_job_leaves_a_benchmark_file_for_profile(dag, capsys):
+    """Each rule names a benchmark file beside its log: Snakemake's wall and CPU time and peak memory of the job."""
+    from continual_bench.cli import main
+
+    res = dag / "results" / "ci"
+    run = res / "runs/toy_faces/T2/lora_sequential/seed0/logs"
+    expected = [run / f"{step}.tsv" for step in ("train", "generate", "evaluate")]
+    expected += [res / "logs/tables.tsv", res / "logs/noise_floor_toy_faces.tsv"]
+    expected += [dag / f"logs/toy/{n}.tsv" for n in ("data_toy_faces", "tokenizer", "vae", "text_encoder", "t2i",
+                                                       "judge", "oracle_toy_faces")]
+    for path in expected:
+        head, row = path.read_text().splitlines()[:2]
+        assert head.split("\t")[0] == "s" and float(row.split("\t")[0]) > 0, path
+    assert main(["profile", str(res), "--shared", str(dag / "logs/toy"), "--cores", "2"]) in (0, None)
+    out = capsys.readouterr().out
+    n = len(list(res.rglob("logs/*.tsv"))) + len(list((dag / "logs/toy").glob("*.tsv")))
+    assert n >= len(expected) and out.startswith(f"{n} jobs, ") and "toy/t2i" in out and "lora_sequential" in out
+
+
 def test_second_run_has_nothing_to_do(dag):
     res = snakemake(dag, "-n")
     assert "Nothing to be done" in res.stdout + res.stderr

@@ -17,6 +17,8 @@ rule toy_imagenet_r_data:
         TOY_CLS_DATA,
     log:
         "logs/toy/data_toy_imagenet_r.log",
+    benchmark:
+        "logs/toy/data_toy_imagenet_r.tsv",
     params:
         out=lambda w, output: Path(output[0]).parent,
         cfg=config["toy_cls"],
@@ -35,6 +37,8 @@ rule toy_vit:
         f"{TOY_VIT}/vit_config.json",
     log:
         "logs/toy/vit.log",
+    benchmark:
+        "logs/toy/vit.tsv",
     params:
         data=lambda w, input: Path(input[0]).parent,
         out=lambda w, output: Path(output[0]).parent,
@@ -61,6 +65,8 @@ rule train_cls:
         train=update(f"{CLS_RUN_DIR}/train.json"),
         # not committed (.gitignore), like the text-to-image runs' samples.npz: a fresh clone recomputes the run
         pred=update(f"{CLS_RUN_DIR}/predictions.npz"),
+    benchmark:
+        f"{CLS_RUN_DIR}/logs/train_cls.tsv",
     params:
         log=lambda w, output: Path(output.metrics).parent / "logs" / "train_cls.log",
         backbone=cls_backbone,

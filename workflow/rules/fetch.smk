@@ -15,6 +15,8 @@ rule fetch_dataset:
         f"{PAPER_RAW}/{{dataset}}/fetched.json",
     log:
         "logs/paper/fetch_{dataset}.log",
+    benchmark:
+        "logs/paper/fetch_{dataset}.tsv",
     params:
         out=lambda w, output: Path(output[0]).parent,
         # Celeb-A HQ is a manual download: its files are taken from <paper.manual_dir>/celeba_hq/
@@ -38,6 +40,8 @@ rule prepare_celeba_hq:
         "data/paper/celeba_hq/manifest.csv",
     log:
         "logs/paper/prepare_celeba_hq.log",
+    benchmark:
+        "logs/paper/prepare_celeba_hq.tsv",
     params:
         raw=lambda w, input: Path(input.fetched).parent,
         out=lambda w, output: Path(output[0]).parent,
@@ -58,6 +62,8 @@ rule select_gldv2_waterfalls:
         f"{PAPER_RAW}/gldv2_waterfalls/selection.csv",
     log:
         "logs/paper/select_gldv2_waterfalls.log",
+    benchmark:
+        "logs/paper/select_gldv2_waterfalls.tsv",
     params:
         raw=lambda w, input: Path(input.fetched).parent,
         seed=PAPER["data_seed"],
@@ -77,6 +83,8 @@ rule fetch_gldv2_images:
         f"{PAPER_RAW}/gldv2_waterfalls/fetched_images.csv",
     log:
         "logs/paper/fetch_gldv2_images.log",
+    benchmark:
+        "logs/paper/fetch_gldv2_images.tsv",
     params:
         raw=lambda w, input: Path(input.selection).parent,
         settings=json.dumps(PAPER["gldv2_waterfalls"], sort_keys=True),
@@ -97,6 +105,8 @@ rule prepare_gldv2_waterfalls:
         "data/paper/gldv2_waterfalls/manifest.csv",
     log:
         "logs/paper/prepare_gldv2_waterfalls.log",
+    benchmark:
+        "logs/paper/prepare_gldv2_waterfalls.tsv",
     params:
         raw=lambda w, input: Path(input.fetched).parent,
         out=lambda w, output: Path(output[0]).parent,
@@ -117,6 +127,8 @@ rule prepare_imagenet_r:
         "data/paper/imagenet_r/manifest.csv",
     log:
         "logs/paper/prepare_imagenet_r.log",
+    benchmark:
+        "logs/paper/prepare_imagenet_r.tsv",
     params:
         raw=lambda w, input: Path(input.fetched).parent,
         out=lambda w, output: Path(output[0]).parent,
@@ -134,6 +146,8 @@ rule fetch_model:
         f"{PAPER_RES}/{{model}}/fetched.json",
     log:
         "logs/paper/fetch_model_{model}.log",
+    benchmark:
+        "logs/paper/fetch_model_{model}.tsv",
     params:
         resources=lambda w, output: Path(output[0]).parent.parent,
         flags=paper_fetch_flags() + (" --allow-unpinned" if PAPER["allow_unpinned_models"] else ""),
@@ -155,6 +169,8 @@ rule paper_judge:
         f"{PAPER_RES}/judge/judge.json",
     log:
         "logs/paper/judge.log",
+    benchmark:
+        "logs/paper/judge.tsv",
     params:
         clip=lambda w, input: Path(input.clip).parent,
         inception=lambda w, input: Path(input.inception).parent,

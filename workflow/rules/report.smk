@@ -17,6 +17,8 @@ rule tables:
                        labels={"figure": "{name}"}),
     log:
         f"{LOGS}/tables.log",
+    benchmark:
+        f"{LOGS}/tables.tsv",
     params:
         run_dir=lambda w, output: Path(output.summary).parent,
     conda:

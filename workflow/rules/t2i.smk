@@ -19,6 +19,8 @@ rule train:
         data=lambda w: f"{data_dir(w.benchmark)}/manifest.csv",
     output:
         update(f"{RUN_DIR}/train.json"),
+    benchmark:  # Snakemake's record of the job's latest attempt: wall and CPU time, peak memory (continual-bench profile)
+        f"{RUN_DIR}/logs/train.tsv",
     params:
         log=lambda w, output: Path(output[0]).parent / "logs" / "train.log",
         backbone=lambda w: t2i_backbone(w),
@@ -53,6 +55,8 @@ rule generate:
         update(f"{RUN_DIR}/samples.npz"),
     log:
         f"{RUN_DIR}/logs/generate.log",
+    benchmark:
+        f"{RUN_DIR}/logs/generate.tsv",
     params:
         backbone=lambda w: t2i_backbone(w),
         data=lambda w: data_dir(w.benchmark),
@@ -92,6 +96,8 @@ rule evaluate:
                       labels={"method": "{method}", "seed": "{seed}"}),
     log:
         f"{RUN_DIR}/logs/evaluate.log",
+    benchmark:
+        f"{RUN_DIR}/logs/evaluate.tsv",
     params:
         data=lambda w: data_dir(w.benchmark),
         judge=lambda w: judge_dir(w),
@@ -120,6 +126,8 @@ rule noise_floor:
         "{results}/noise_floor/{benchmark}.csv",
     log:
         "{results}/noise_floor/{benchmark}.log",
+    benchmark:
+        "{results}/logs/noise_floor_{benchmark}.tsv",
     params:
         backbone=lambda w: t2i_backbone(w),
         data=lambda w: data_dir(w.benchmark),

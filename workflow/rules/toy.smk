@@ -8,6 +8,8 @@ rule toy_data:
         "data/toy/{benchmark}/manifest.csv",
     log:
         "logs/toy/data_{benchmark}.log",
+    benchmark:
+        "logs/toy/data_{benchmark}.tsv",
     params:
         out=lambda w, output: Path(output[0]).parent,
         # only the keys that shape the data: changing a pretraining length must not regenerate it
@@ -25,6 +27,8 @@ rule toy_tokenizer:
         f"{TOY}/tokenizer/vocab.json",
     log:
         "logs/toy/tokenizer.log",
+    benchmark:
+        "logs/toy/tokenizer.tsv",
     params:
         out=lambda w, output: Path(output[0]).parent,
     conda:
@@ -40,6 +44,8 @@ rule toy_vae:
         f"{TOY}/vae/pretrain_stats.json",  # written last; its content changes with every training (see common.smk)
     log:
         "logs/toy/vae.log",
+    benchmark:
+        "logs/toy/vae.tsv",
     params:
         data=lambda w, input: toy_dirs(input),
         out=lambda w, output: Path(output[0]).parent,
@@ -61,6 +67,8 @@ rule toy_text_encoder:
         f"{TOY}/text_encoder/pretrain_stats.json",
     log:
         "logs/toy/text_encoder.log",
+    benchmark:
+        "logs/toy/text_encoder.tsv",
     params:
         data=lambda w, input: toy_dirs(input),
         tok=lambda w, input: Path(input.tok).parent,
@@ -85,6 +93,8 @@ rule toy_t2i:
         f"{TOY}/sd-tiny/pretrain_stats.json",
     log:
         "logs/toy/t2i.log",
+    benchmark:
+        "logs/toy/t2i.tsv",
     params:
         data=lambda w, input: toy_dirs(input),
         vae=lambda w, input: Path(input.vae).parent,
@@ -113,6 +123,8 @@ rule toy_judge:
         f"{TOY}/judge/train_stats.json",
     log:
         "logs/toy/judge.log",
+    benchmark:
+        "logs/toy/judge.tsv",
     params:
         data=lambda w, input: toy_dirs(input),
         out=lambda w, output: Path(output[0]).parent,
@@ -132,6 +144,8 @@ rule toy_oracle:
         f"{TOY}/oracle/{{benchmark}}/oracle.json",
     log:
         "logs/toy/oracle_{benchmark}.log",
+    benchmark:
+        "logs/toy/oracle_{benchmark}.tsv",
     params:
         data=lambda w, input: Path(input[0]).parent,
         out=lambda w, output: Path(output[0]).parent,
