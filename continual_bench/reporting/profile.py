@@ -2,8 +2,9 @@
 
 Every rule of the workflow names a ``benchmark:`` file (``workflow/rules/*.smk``). Snakemake writes it when the
 job ends, one row per attempt kept (the latest): ``s`` (wall seconds), ``cpu_time`` (CPU seconds of the job's
-process tree), ``max_rss`` (its peak resident memory, MB) and more. The files sit beside the logs, which git
-ignores:
+process tree), ``max_rss`` (its peak resident memory, MB) and more. Wall time is exact; the other two are sampled
+(Snakemake polls the process tree every 0.5 s for the first ~15 s, then every 30 s), so for long jobs they are lower
+bounds. The files sit beside the logs, which git ignores:
 
 * a run's jobs: ``RUN_DIR/runs/<benchmark>/T<n>/<method>/seed<s>/logs/{train,generate,evaluate,train_cls}.tsv``;
 * the result folder's own: ``RUN_DIR/logs/{tables,noise_floor_<benchmark>}.tsv``;
