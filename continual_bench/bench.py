@@ -16,6 +16,18 @@ the reference way, each in a fresh process (so each has its own peak memory and 
   per task, as the engine does) against CODA-P's form: fp32, a no-grad query pass then the prompted pass, for
   every batch; at evaluation ours reads the test queries computed once per run.
 
+Per method (``t2i_method``, ``bench --methods``; ours only, there is no reference recipe to compare with): each
+text-to-image method of the run configuration trains ``method_tasks`` tasks through the engine's
+:func:`~continual_bench.engine.t2i.train_one_task` with its configured settings, ``steps`` timed steps per task.
+Measured: its training step rate (its own loss: full-UNet gradients, penalties, distillation passes), the bytes
+of the state the engine keeps after every task (``method.state_dict()``, what ``state.safetensors`` holds) and
+its peak memory. The work a task does outside its steps is counted, not timed at the bench's reduced size: every
+UNet evaluation outside a step (per image; a classifier-free-guidance batch counts both halves) is counted, the
+no-grad ones (sampling: class images, replayed images, teacher trajectories) are answered with zeros instead of
+run, and the ones with gradients (EWC's Fisher) run. :func:`method_cost_table` prices them at the measured
+sampling and training rates. A method with a ``ridge`` setting at 0 gets 1e-6 (Custom Diffusion's closed-form merge:
+random weights give a degenerate text space, and the solve costs the same either way).
+
 Architectures: ``sd15`` (Stable Diffusion v1.x's UNet, VAE and CLIP ViT-L/14 text encoder built from their
 configs), ``vitb16`` (timm ``vit_base_patch16_224``), and ``toy`` (the toy world's sizes, :class:`ToyT2IConfig`
 and the toy ViT). On a GPU the paper's sizes run (512 px, 224 px); on a CPU the text-to-image resolution is
@@ -30,15 +42,17 @@ and a run configuration into hours per run (the README's cost table).
 """
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -68,6 +82,9 @@ class BenchOptions:
     guidance: float = 6.0
     cls_batch: int = 0        # 0 = 128 on a GPU (CODA-P's), 4 on a CPU
     cls_steps: int = 3
+    method: str = ""          # t2i_method: the method (its settings below; steps are the bench's)
+    method_settings: dict = field(default_factory=dict)
+    method_tasks: int = 3     # t2i_method: tasks trained (what a task does beyond its steps may depend on t)
 
     def resolved(self) -> "BenchOptions":
         """The options with the device and every 0 (= "the device's default") filled in."""
@@ -274,6 +291,103 @@ def t2i_train_reference(o: BenchOptions) -> dict:
             "model_flops_per_item": flops / o.batch}
 
 
+def _method_tasks(o: BenchOptions, n_images: int = 8):
+    """``o.method_tasks`` tasks of random images, each with the ones before it as its past."""
+    from .methods.base import Task
+
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    words = (["young", "old", "smiling", "serious", "tired", "happy", "calm", "surprised"],
+             ["red hat", "green scarf", "blue shirt", "black coat", "white dress", "yellow tie", "grey hoodie", "glasses"],
+             ["street", "park", "beach", "office", "kitchen", "forest", "studio", "train station"])
+    captions = [f"a photo of a {a} person wearing a {b} in the {c}" for a, b, c in itertools.product(*words)]
+    tasks = []
+    for i in range(1, o.method_tasks + 1):
+        tasks.append(Task(index=i, concept=f"bench{i}", token=f"<v{i}>", prompt=f"a photo of <v{i}>",
+                          images=torch.rand(n_images, 3, o.resolution, o.resolution, generator=g), class_word="person",
+                          past=list(tasks), class_captions=captions))
+    return tasks
+
+
+def t2i_method(o: BenchOptions) -> dict:
+    """One method's tasks through the engine (module docstring): step rate, state bytes and the UNet evaluations
+    outside the steps, per task. As in a run, each task starts from a fresh model given the state the task before
+    kept (:meth:`~continual_bench.engine.runner.BaseRunSpec.restore`; here the state goes through a safetensors file, as in a
+    run, and the model is built again from the same seed)."""
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+    from safetensors.torch import load_file, save_file
+
+    from .backbones.model import T2IModel
+    from .engine.t2i import train_one_task
+    from .methods.base import build_settings
+    from .methods.registry import get_method
+
+    cls = get_method("t2i", o.method)
+    given = {**o.method_settings, "steps": o.warmup + o.steps + 1}
+    if "ridge" in cls.Settings.__dataclass_fields__ and not given.get("ridge"):
+        given["ridge"] = 1e-6  # random weights give a degenerate text space; a closed-form solve costs the same
+    s = build_settings(cls.Settings, given, f"bench {o.method}")
+    in_step = [False]
+    outside = {"nograd": 0, "grad": 0}
+    stamps: list[float] = []
+
+    def counted(real_forward):
+        def forward(sample, *args, **kwargs):  # outside a step: count; without gradients, answer zeros
+            if in_step[0]:
+                return real_forward(sample, *args, **kwargs)
+            if torch.is_grad_enabled():
+                outside["grad"] += sample.shape[0]
+                return real_forward(sample, *args, **kwargs)
+            outside["nograd"] += sample.shape[0]
+            out = UNet2DConditionOutput(sample=torch.zeros_like(sample))
+            return out if kwargs.get("return_dict", True) else (out.sample,)
+        return forward
+
+    def timed(inner):
+        def loss(batch):
+            _sync(o.device)
+            stamps.append(time.perf_counter())
+            in_step[0] = True
+            try:
+                return inner(batch)
+            finally:
+                in_step[0] = False
+        return loss
+
+    tasks = _method_tasks(o)
+    step_s, nograd, grad, state_bytes = [], [], [], []
+    t0 = time.perf_counter()
+    model = method = None
+    tmp = Path(tempfile.mkdtemp(prefix="cb-bench-"))
+    state_file = tmp / "state.safetensors"
+    for task in tasks:
+        del model, method  # the task before's model goes before the next is built
+        gc.collect()
+        torch.manual_seed(0)  # the same random weights for every task (one model in memory at a time)
+        model = T2IModel(t2i_pipeline(o), device=o.device)
+        model.unet.forward = counted(model.unet.forward)
+        method = cls(model, s, seed=0)
+        if task.index > 1:
+            method.load_state(load_file(str(state_file), device=o.device), tasks[:task.index - 1])
+        method.loss = timed(method.loss)
+        stamps.clear()
+        outside.update(nograd=0, grad=0)
+        train_one_task(method, task, seed=0)
+        step_s += [b - a for a, b in zip(stamps[o.warmup:], stamps[o.warmup + 1:])]
+        nograd.append(outside["nograd"])
+        grad.append(outside["grad"])
+        save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}, str(state_file))
+        state_bytes.append(state_file.stat().st_size)  # what the engine's state.safetensors of the task holds
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not step_s:
+        raise UserError(f"bench {o.method}: too few steps to time ({o.steps})")
+    # a step is grad_accum loss calls (micro-batches) apart
+    return {"rate": 1.0 / (statistics.median(step_s) * s.grad_accum), "unit": "steps/s",
+            "items": s.batch_size * s.grad_accum, "task_seconds": (time.perf_counter() - t0) / len(tasks),
+            "outside_nograd": nograd, "outside_grad": grad, "state_bytes": state_bytes}
+
+
 def _prompts(n: int) -> list[str]:
     return [f"a photo of a person number {i}" for i in range(n)]
 
@@ -355,6 +469,7 @@ CASE_FUNCS = {
     ("cls_train", "reference"): lambda o: _cls_rate(o, "reference", True),
     ("cls_eval", "ours"): lambda o: _cls_rate(o, "ours", False),
     ("cls_eval", "reference"): lambda o: _cls_rate(o, "reference", False),
+    ("t2i_method", "ours"): t2i_method,
 }
 
 
@@ -408,26 +523,39 @@ def case_row(case: str, way: str, o: BenchOptions, res: dict, name: str) -> dict
             "model_tflops_per_s": round(tflops, 4) if tflops else None,
             "mfu": round(tflops / peak, 4) if tflops and peak else None,
             "peak_memory_gb": res["peak_memory_gb"], "memory_kind": res["memory_kind"],
-            "task_seconds": round(res["task_seconds"], 2) if "task_seconds" in res else None}
+            "task_seconds": round(res["task_seconds"], 2) if "task_seconds" in res else None,
+            **({"method": o.method, **{k: ";".join(map(str, res[k])) for k in PER_TASK}} if case == "t2i_method" else {})}
 
 
-def bench(o: BenchOptions, cases: list[str], host: str, out: str | Path | None, runner=run_isolated):
-    """Every case both ways; the rows (with ``ratio`` = ours / reference) written to ``out`` as CSV."""
+PER_TASK = ("outside_nograd", "outside_grad", "state_bytes")  # t2i_method: one value per task, ';'-joined
+
+
+def bench(o: BenchOptions, cases: list[str], host: str, out: str | Path | None, runner=run_isolated,
+          methods: dict[str, dict] | None = None):
+    """Every case both ways, then every text-to-image method of ``methods`` (name -> its settings) our way; the
+    rows (with ``ratio`` = ours / reference where there is a reference) written to ``out`` as CSV."""
     import pandas as pd
 
+    from .methods.registry import get_method
     from .utils import progress
 
     bad = [c for c in cases if c not in CASES]
     if bad:
         raise UserError(f"bench: unknown case(s) {bad}; known: {list(CASES)}")
+    for m in methods or {}:
+        get_method("t2i", m)  # an unknown name stops here, before anything is timed
     o = o.resolved()
     name = device_name(o.device)
+    jobs = [(c, w, o) for c in cases for w in WAYS]
+    jobs += [("t2i_method", "ours", replace(o, method=m, method_settings=dict(st or {})))
+             for m, st in (methods or {}).items()]
     rows = []
-    for case, way in progress([(c, w) for c in cases for w in WAYS], desc="bench"):
-        rows.append(case_row(case, way, o, runner(case, way, o), name))
+    for case, way, oo in progress(jobs, desc="bench"):
+        rows.append(case_row(case, way, oo, runner(case, way, oo), name))
     df = pd.DataFrame(rows)
     ref = df[df.way == "reference"].set_index("case").items_per_s
-    df["ratio"] = [round(r.items_per_s / ref[r.case], 3) if r.way == "ours" else None for r in df.itertuples()]
+    df["ratio"] = [round(r.items_per_s / ref[r.case], 3) if r.way == "ours" and r.case in ref.index else None
+                   for r in df.itertuples()]
     df.insert(0, "device_name", name)
     df.insert(0, "device", o.device)
     df.insert(0, "host", host)
@@ -454,15 +582,71 @@ def t2i_images_per_run(n_tasks: int, n_samples: int, n_templates: int, full_matr
     return pairs * n_samples * (2 if n_templates else 1) + 2 * n_samples
 
 
-def _t2i_steps(config: dict, benchmark: str) -> int:
-    """C-LoRA's training steps per task on ``benchmark``: benchmark_settings, else method_settings, else its default."""
+def _t2i_steps(config: dict, benchmark: str, method: str = "c_lora") -> int:
+    """A method's training steps per task on ``benchmark``: benchmark_settings, else method_settings, else its
+    default (C-LoRA's, for the table that costs every method at C-LoRA's step)."""
     from .methods.registry import get_method
 
     for scope in (config.get("benchmark_settings", {}).get(benchmark, {}),
-                  config.get("method_settings", {}).get("c_lora", {})):
+                  config.get("method_settings", {}).get(method, {})):
         if "steps" in scope:
             return int(scope["steps"])
-    return get_method("t2i", "c_lora").Settings().steps
+    return get_method("t2i", method).Settings().steps
+
+
+def per_task(measured: list[float], n_tasks: int) -> list[float]:
+    """Values measured for a method's first tasks, carried to ``n_tasks``: as measured where measured, then linear
+    in t from the last two (work over the past grows linearly: replay, distillation of every earlier concept, an
+    adapter kept per concept; work done once, as DreamBooth's class images, stays done), never below 0."""
+    vals = [float(v) for v in measured]
+    slope = vals[-1] - vals[-2] if len(vals) > 1 else 0.0
+    return [vals[t] if t < len(vals) else max(0.0, vals[-1] + slope * (t + 1 - len(vals))) for t in range(n_tasks)]
+
+
+def _eval_images(config: dict, n_tasks: int) -> int:
+    ev = config.get("evaluation", {})
+    return t2i_images_per_run(n_tasks, ev.get("n_samples", 32), len(ev.get("text_templates") or []),
+                              ev.get("full_matrix", False))
+
+
+def method_cost_table(df, config: dict):
+    """Hours, checkpoint disk and peak memory per text-to-image method of ``config`` measured in ``df``
+    (``t2i_method`` rows), per benchmark and sequence length.
+
+    Per run: ``sum_t steps / rate`` (the method's own step rate) + the UNet evaluations with gradients outside the
+    steps at the training rate per image + the no-grad ones (sampling inside training) at the sampling rate per UNet
+    evaluation (``t2i_sample``, ours: images/s x steps x 2 under guidance; it includes text encoding and decoding,
+    so this errs high) + the evaluation's images as in :func:`cost_table`; disk: every task's state, kept by the
+    engine. Per-task counts beyond the measured tasks: :func:`per_task`.
+    """
+    import pandas as pd
+
+    if "case" not in df or not (df.case == "t2i_method").any() or not (df.case == "t2i_sample").any():
+        return pd.DataFrame()
+    rows_m = df[df.case == "t2i_method"].set_index("method")
+    sa = df[(df.case == "t2i_sample") & (df.way == "ours")].iloc[0]
+    evals_per_s = sa.rate * sa.sample_steps * (2 if sa.guidance > 1 else 1)
+    ev_steps = config.get("evaluation", {}).get("sample_steps", sa.sample_steps)
+    rows = []
+    for T in config.get("n_tasks", []):
+        gen_h = _eval_images(config, T) / sa.rate * (ev_steps / sa.sample_steps) / 3600
+        for bench_name in config.get("benchmarks", []):
+            for m in config.get("methods", []):
+                if m not in rows_m.index:
+                    continue
+                r = rows_m.loc[m]
+                split = lambda col: [float(v) for v in str(r[col]).split(";")]  # noqa: E731
+                steps = _t2i_steps(config, bench_name, m)
+                train_s = T * steps / r.rate + sum(per_task(split("outside_grad"), T)) / (r.rate * r.batch)
+                sample_s = sum(per_task(split("outside_nograd"), T)) / evals_per_s
+                n_runs = len(config.get("seeds", []))
+                rows.append({"benchmark": bench_name, "n_tasks": T, "method": m, "steps": steps,
+                             "train_h_per_run": train_s / 3600, "sample_in_training_h_per_run": sample_s / 3600,
+                             "evaluation_h_per_run": gen_h, "runs": n_runs,
+                             "total_h": (train_s / 3600 + sample_s / 3600 + gen_h) * n_runs,
+                             "checkpoints_gb_per_run": sum(per_task(split("state_bytes"), T)) / 1e9,
+                             "peak_memory_gb": r.peak_memory_gb})
+    return pd.DataFrame(rows)
 
 
 def cost_table(df, config: dict):
@@ -514,13 +698,34 @@ def cost_markdown(df, config: dict) -> str:
             "run = the configuration's steps and images at the measured rates (every method at C-LoRA's step; "
             "methods that sample during training cost more).\n\n")
     lines = ["| track | run | training h/run | sampling/evaluation h/run | runs | hours in all | peak memory (GB) |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"] if len(costs) else ["(no C-LoRA step measured: no table at its rate)"]
     for r in costs.itertuples():
         lines.append(f"| {r.track} | {r.what} | {r.train_h_per_run:,.2f} | {r.generate_h_per_run:,.2f} | {r.runs} | "
                      f"{r.total_h:,.0f} | {r.peak_memory_gb:.1f} |")
-    ratios = df[df.way == "ours"][["case", "ratio"]].itertuples()
+    ratios = df[(df.way == "ours") & df.ratio.notna()][["case", "ratio"]].itertuples()
     tail = "\n\nOurs / reference: " + ", ".join(f"{r.case} {r.ratio:.2f}x" for r in ratios) + "\n"
-    return head + "\n".join(lines) + tail
+    return head + "\n".join(lines) + tail + method_cost_markdown(df, config)
+
+
+def method_cost_markdown(df, config: dict) -> str:
+    """The per-method table (:func:`method_cost_table`) as Markdown; empty without ``t2i_method`` rows."""
+    mc = method_cost_table(df, config)
+    if mc.empty:
+        return ""
+    r0 = df[df.case == "t2i_method"].iloc[0]
+    lines = [f"\nPer text-to-image method ({int(r0.resolution)} px, each method's own step and settings; sampling inside "
+             "training and gradient passes outside the steps counted per task over the first tasks and carried on "
+             "linearly; checkpoints: every task's state, as the engine keeps them):\n",
+             "| benchmark | tasks | method | training h/run | sampling in training h/run | evaluation h/run | runs | "
+             "hours in all | checkpoints GB/run | peak memory (GB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in mc.itertuples():
+        lines.append(f"| {r.benchmark} | {r.n_tasks} | {r.method} | {r.train_h_per_run:,.2f} | "
+                     f"{r.sample_in_training_h_per_run:,.2f} | {r.evaluation_h_per_run:,.2f} | {r.runs} | "
+                     f"{r.total_h:,.0f} | {r.checkpoints_gb_per_run:,.2f} | {r.peak_memory_gb:.1f} |")
+    lines.append(f"| all | | | | | | {int(mc.runs.sum())} | {mc.total_h.sum():,.0f} | "
+                 f"{(mc.checkpoints_gb_per_run * mc.runs).sum():,.0f} (all runs) | |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":  # one isolated case (run_isolated): python -m continual_bench.bench CASE WAY OPTIONS_JSON

@@ -246,6 +246,10 @@ def cmd_profile(a):
          opt("--cls-batch", type=int, default=0, help="classification batch (0: 128 on a GPU, 4 on a CPU)"),
          opt("--cost-config", help="also write the cost table of this run configuration (config/paper.yaml) as "
                                    "Markdown next to the CSV (<out>.costs.md)"),
+         opt("--methods", nargs="+", default=[],
+             help="also time these text-to-image methods through the engine (their step, sampling inside training, "
+                  "checkpoint bytes) with their settings in --cost-config; 'config': every method of --cost-config"),
+         opt("--method-tasks", type=int, default=3, help="tasks each method trains (--methods)"),
          group="user", gpu=True)
 def cmd_bench(a):
     import socket
@@ -260,13 +264,21 @@ def cmd_bench(a):
         raise UserError(f"bench --cost-config {a.cost_config}: no such file")
     host = a.host or socket.gethostname().split(".")[0]
     out = Path(a.out or f"results/bench/{host}.csv")
+    cfg = yaml.safe_load(Path(a.cost_config).read_text()) if a.cost_config else {}
+    names = list(cfg.get("methods", [])) if a.methods == ["config"] else a.methods
+    if a.methods == ["config"] and not names:
+        raise UserError("bench --methods config: give --cost-config with a methods list")
+    if a.method_tasks < 1:
+        raise UserError(f"bench --method-tasks {a.method_tasks}: at least 1")
     o = BenchOptions(device=a.device, t2i_arch=a.t2i_arch, cls_arch=a.cls_arch, resolution=a.resolution,
                      steps=a.steps, batch=a.batch, rank=a.rank, sample_steps=a.sample_steps, n_images=a.n_images,
-                     cls_batch=a.cls_batch)
-    df = bench(o, a.cases, host, out)
-    print(df[["case", "way", "arch", "dtype", "rate", "unit", "ratio", "peak_memory_gb", "mfu"]].to_string(index=False))
+                     cls_batch=a.cls_batch, method_tasks=a.method_tasks)
+    settings = cfg.get("method_settings") or {}
+    df = bench(o, a.cases, host, out, methods={m: settings.get(m, {}) for m in names})
+    cols = ["case", "way", "arch", "dtype", "rate", "unit", "ratio", "peak_memory_gb", "mfu"] + \
+        (["method"] if "method" in df else [])
+    print(df[cols].to_string(index=False))
     if a.cost_config:
-        cfg = yaml.safe_load(Path(a.cost_config).read_text())
         atomic_write_text(out.with_suffix(".costs.md"), cost_markdown(df, cfg))
 
 
