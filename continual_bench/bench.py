@@ -46,7 +46,6 @@ import gc
 import json
 import platform
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -299,7 +298,8 @@ def _method_tasks(o: BenchOptions, n_images: int = 8):
 
     g = torch.Generator().manual_seed(0)
     words = (["young", "old", "smiling", "serious", "tired", "happy", "calm", "surprised"],
-             ["red hat", "green scarf", "blue shirt", "black coat", "white dress", "yellow tie", "grey hoodie", "glasses"],
+             ["red hat", "green scarf", "blue shirt", "black coat", "white dress", "yellow tie", "grey hoodie",
+              "glasses"],
              ["street", "park", "beach", "office", "kitchen", "forest", "studio", "train station"])
     captions = [f"a photo of a {a} person wearing a {b} in the {c}" for a, b, c in itertools.product(*words)]
     tasks = []
@@ -313,8 +313,8 @@ def _method_tasks(o: BenchOptions, n_images: int = 8):
 def t2i_method(o: BenchOptions) -> dict:
     """One method's tasks through the engine (module docstring): step rate, state bytes and the UNet evaluations
     outside the steps, per task. As in a run, each task starts from a fresh model given the state the task before
-    kept (:meth:`~continual_bench.engine.runner.BaseRunSpec.restore`; here the state goes through a safetensors file, as in a
-    run, and the model is built again from the same seed)."""
+    kept (:meth:`~continual_bench.engine.runner.BaseRunSpec.restore`): the state goes through a safetensors file
+    and the model is built again from the same seed."""
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
     from safetensors.torch import load_file, save_file
 
@@ -359,27 +359,26 @@ def t2i_method(o: BenchOptions) -> dict:
     step_s, nograd, grad, state_bytes = [], [], [], []
     t0 = time.perf_counter()
     model = method = None
-    tmp = Path(tempfile.mkdtemp(prefix="cb-bench-"))
-    state_file = tmp / "state.safetensors"
-    for task in tasks:
-        del model, method  # the task before's model goes before the next is built
-        gc.collect()
-        torch.manual_seed(0)  # the same random weights for every task (one model in memory at a time)
-        model = T2IModel(t2i_pipeline(o), device=o.device)
-        model.unet.forward = counted(model.unet.forward)
-        method = cls(model, s, seed=0)
-        if task.index > 1:
-            method.load_state(load_file(str(state_file), device=o.device), tasks[:task.index - 1])
-        method.loss = timed(method.loss)
-        stamps.clear()
-        outside.update(nograd=0, grad=0)
-        train_one_task(method, task, seed=0)
-        step_s += [b - a for a, b in zip(stamps[o.warmup:], stamps[o.warmup + 1:])]
-        nograd.append(outside["nograd"])
-        grad.append(outside["grad"])
-        save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}, str(state_file))
-        state_bytes.append(state_file.stat().st_size)  # what the engine's state.safetensors of the task holds
-    shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="cb-bench-") as tmp:
+        state_file = Path(tmp) / "state.safetensors"
+        for task in tasks:
+            del model, method  # the task before's model goes before the next is built
+            gc.collect()
+            torch.manual_seed(0)  # the same random weights for every task (one model in memory at a time)
+            model = T2IModel(t2i_pipeline(o), device=o.device)
+            model.unet.forward = counted(model.unet.forward)
+            method = cls(model, s, seed=0)
+            if task.index > 1:
+                method.load_state(load_file(str(state_file), device=o.device), tasks[:task.index - 1])
+            method.loss = timed(method.loss)
+            stamps.clear()
+            outside.update(nograd=0, grad=0)
+            train_one_task(method, task, seed=0)
+            step_s += [b - a for a, b in zip(stamps[o.warmup:], stamps[o.warmup + 1:])]
+            nograd.append(outside["nograd"])
+            grad.append(outside["grad"])
+            save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}, str(state_file))
+            state_bytes.append(state_file.stat().st_size)  # what the task's state.safetensors holds in a run
     if not step_s:
         raise UserError(f"bench {o.method}: too few steps to time ({o.steps})")
     # a step is grad_accum loss calls (micro-batches) apart
@@ -524,7 +523,8 @@ def case_row(case: str, way: str, o: BenchOptions, res: dict, name: str) -> dict
             "mfu": round(tflops / peak, 4) if tflops and peak else None,
             "peak_memory_gb": res["peak_memory_gb"], "memory_kind": res["memory_kind"],
             "task_seconds": round(res["task_seconds"], 2) if "task_seconds" in res else None,
-            **({"method": o.method, **{k: ";".join(map(str, res[k])) for k in PER_TASK}} if case == "t2i_method" else {})}
+            **({"method": o.method, **{k: ";".join(map(str, res[k])) for k in PER_TASK}}
+               if case == "t2i_method" else {})}
 
 
 PER_TASK = ("outside_nograd", "outside_grad", "state_bytes")  # t2i_method: one value per task, ';'-joined
@@ -695,8 +695,9 @@ def cost_markdown(df, config: dict) -> str:
     t2i = f"; text-to-image at {int(train.resolution.iloc[0])} px, training batch {int(train.batch.iloc[0])}" \
         if len(train) else ""
     head = (f"Measured by `continual-bench bench` on {first.device_name} ({first.host}, {first.date}){t2i}. Hours per "
-            "run = the configuration's steps and images at the measured rates (every method at C-LoRA's step; "
-            "methods that sample during training cost more).\n\n")
+            "run = the configuration's steps and images at the measured rates" +
+            (" (every method at C-LoRA's step; methods that sample during training cost more).\n\n" if len(costs)
+             else ".\n\n"))
     lines = ["| track | run | training h/run | sampling/evaluation h/run | runs | hours in all | peak memory (GB) |",
              "|---|---|---|---|---|---|---|"] if len(costs) else ["(no C-LoRA step measured: no table at its rate)"]
     for r in costs.itertuples():
@@ -713,14 +714,14 @@ def method_cost_markdown(df, config: dict) -> str:
     if mc.empty:
         return ""
     r0 = df[df.case == "t2i_method"].iloc[0]
-    lines = [f"\nPer text-to-image method ({int(r0.resolution)} px, each method's own step and settings; sampling inside "
-             "training and gradient passes outside the steps counted per task over the first tasks and carried on "
+    lines = [f"\nPer text-to-image method ({int(r0.resolution)} px, each method's own step and settings; sampling "
+             "inside training and gradient passes outside the steps counted per task over the first tasks and carried on "
              "linearly; checkpoints: every task's state, as the engine keeps them):\n",
-             "| benchmark | tasks | method | training h/run | sampling in training h/run | evaluation h/run | runs | "
-             "hours in all | checkpoints GB/run | peak memory (GB) |",
+             "| benchmark | tasks x steps | method | training h/run | sampling in training h/run | evaluation h/run | "
+             "runs | hours in all | checkpoints GB/run | peak memory (GB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in mc.itertuples():
-        lines.append(f"| {r.benchmark} | {r.n_tasks} | {r.method} | {r.train_h_per_run:,.2f} | "
+        lines.append(f"| {r.benchmark} | {r.n_tasks} x {r.steps} | {r.method} | {r.train_h_per_run:,.2f} | "
                      f"{r.sample_in_training_h_per_run:,.2f} | {r.evaluation_h_per_run:,.2f} | {r.runs} | "
                      f"{r.total_h:,.0f} | {r.checkpoints_gb_per_run:,.2f} | {r.peak_memory_gb:.1f} |")
     lines.append(f"| all | | | | | | {int(mc.runs.sum())} | {mc.total_h.sum():,.0f} | "

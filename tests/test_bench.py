@@ -98,3 +98,64 @@ def test_cost_table_without_text_to_image_rows_and_a_missing_cost_config(tmp_pat
     # refused before anything is measured, with a one-line error naming the file
     assert cli.main(["bench", "--cost-config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "b.csv")]) == 2
     assert "bench --cost-config" in capsys.readouterr().err and not (tmp_path / "b.csv").exists()
+
+
+def test_each_method_runs_through_the_engine_and_its_work_outside_the_steps_is_counted():
+    o = B.BenchOptions(device="cpu", t2i_arch="toy", steps=1).resolved()
+    def run(m, st, tasks=3):
+        return B.run_case("t2i_method", "ours", B.replace(o, method=m, method_settings=st, method_tasks=tasks))
+
+    # DreamBooth: 3 class images x 4 DDIM steps x 2 (guidance batches both halves), from the base model, once
+    db = run("dreambooth", {"n_class_images": 3, "class_sample_steps": 4, "class_guidance": 2.0, "batch_size": 2}, 2)
+    assert db["outside_nograd"] == [24, 0] and db["outside_grad"] == [0, 0]
+    assert db["rate"] > 0 and db["unit"] == "steps/s" and db["items"] == 2
+    # generative replay: 2 images of every past concept, 3 steps, no guidance (one UNet pass per step)
+    gr = run("generative_replay", {"n_replay": 2, "replay_steps": 3, "replay_guidance": 1.0})
+    assert gr["outside_nograd"] == [0, 6, 12]
+    # EWC: the Fisher's single-sample gradients run (with gradients) after every task
+    ewc = run("custom_diffusion_ewc", {"fisher_samples": 5}, 2)
+    assert ewc["outside_grad"] == [5, 5] and ewc["outside_nograd"] == [0, 0]
+    # one adapter kept per concept: every task's state grows by the same bytes; DreamBooth keeps the whole UNet
+    lb = run("lora_per_concept", {})["state_bytes"]
+    assert lb[1] - lb[0] == pytest.approx(lb[2] - lb[1], rel=0.01) and lb[0] > 0
+    assert db["state_bytes"][0] > 50 * lb[0]
+    with pytest.raises(UserError, match="unknown"):
+        B.bench(o, [], "h", None, runner=B.run_case, methods={"no_such_method": {}})
+
+
+def test_per_task_counts_are_carried_linearly_and_never_below_zero():
+    assert B.per_task([200, 0, 0], 5) == [200, 0, 0, 0, 0]
+    assert B.per_task([0, 480, 960], 5) == [0, 480, 960, 1440, 1920]
+    assert B.per_task([10, 5, 1], 5) == [10, 5, 1, 0, 0]
+    assert B.per_task([7], 3) == [7, 7, 7] and B.per_task([1, 2, 3], 2) == [1, 2]
+
+
+def test_method_cost_table_is_each_methods_steps_sampling_and_states_over_the_measured_rates():
+    df = pd.DataFrame([
+        {"case": "t2i_sample", "way": "ours", "rate": 2.0, "sample_steps": 4, "guidance": 6.0, "resolution": 64},
+        {"case": "t2i_method", "way": "ours", "method": "m", "rate": 0.5, "batch": 2, "peak_memory_gb": 9.0,
+         "outside_nograd": "160;0", "outside_grad": "4;4", "state_bytes": "1000000000;2000000000", "resolution": 64},
+    ])
+    cfg = {"n_tasks": [3], "seeds": [0, 1], "benchmarks": ["faces"], "methods": ["m", "not_measured"],
+           "method_settings": {"m": {"steps": 10}}, "evaluation": {"n_samples": 1, "sample_steps": 8}}
+    mc = B.method_cost_table(df, cfg)
+    assert list(mc.method) == ["m"]
+    r = mc.iloc[0]
+    # 3 tasks x 10 steps at 0.5 steps/s, + 3 x 4 gradient passes at 0.5 x 2 images/s: 60 + 12 s
+    assert r.train_h_per_run == pytest.approx(72 / 3600)
+    # 160 UNet evaluations at 2 images/s x 4 steps x 2 (guidance) = 16 evaluations/s
+    assert r.sample_in_training_h_per_run == pytest.approx(10 / 3600)
+    n_img = B.t2i_images_per_run(3, 1, 0)
+    assert r.evaluation_h_per_run == pytest.approx(n_img / 2.0 * (8 / 4) / 3600)
+    assert r.checkpoints_gb_per_run == pytest.approx(1 + 2 + 3) and r.runs == 2
+    assert r.total_h == pytest.approx(2 * (82 / 3600 + r.evaluation_h_per_run))
+    md = B.method_cost_markdown(df, cfg)
+    assert "| faces | 3 x 10 | m | 0.02 | 0.00 |" in md and "12 (all runs)" in md
+    assert B.method_cost_table(df[df.case == "t2i_sample"], cfg).empty
+
+
+def test_bench_methods_config_needs_a_cost_config(tmp_path, capsys):
+    from continual_bench import cli
+
+    assert cli.main(["bench", "--methods", "config", "--out", str(tmp_path / "b.csv")]) == 2
+    assert "--methods config" in capsys.readouterr().err and not (tmp_path / "b.csv").exists()
