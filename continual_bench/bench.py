@@ -461,6 +461,94 @@ def _cls_rate(o: BenchOptions, way: str, train: bool) -> dict:
             "model_flops_per_item": flops}
 
 
+def cls_method(o: BenchOptions) -> dict:
+    """One classification method's tasks (``o.method_tasks`` of 20 classes) the way the engine trains them (module
+    docstring): each task from a fresh method given the state the task before kept, ``begin_task``, the method's
+    passes over the task's images (``before_training`` / ``after_training``, timed on one image per class), then
+    ``cls_steps`` optimizer steps through :class:`~continual_bench.engine.runner.TaskLoop` on un-cached batches (the
+    paper profile's RandomResizedCrop gives no fixed views); a task whose ``param_groups()`` hold nothing runs none.
+    Evaluation: the method's logits, its frozen-backbone features (prompt queries) computed beforehand, as the
+    engine computes the test images' once per run."""
+    from safetensors.torch import load_file, save_file
+
+    from .engine.runner import TaskLoop, amp_context
+    from .methods.base import build_settings
+    from .methods.cls_base import ClsTask
+    from .methods.registry import get_method
+
+    cls = get_method("cls", o.method)
+    s = build_settings(cls.Settings, {**o.method_settings, "batch_size": o.cls_batch}, f"bench {o.method}")
+    amp = amp_context(o.device, s.precision)
+    per = 20
+    tasks: list[ClsTask] = []
+    step_s, trains, hook_s, state_bytes = [], [], [], []
+    method = None
+    with tempfile.TemporaryDirectory(prefix="cb-bench-") as tmp:
+        state_file = Path(tmp) / "state.safetensors"
+        for t in range(1, o.method_tasks + 1):
+            task = ClsTask(index=t, classes=list(range((t - 1) * per, t * per)), lo=(t - 1) * per, hi=t * per,
+                           n_tasks=10, past=list(tasks))
+            tasks.append(task)
+            del method
+            gc.collect()
+            method = cls(cls_backbone(o), s, seed=0, n_classes=10 * per, n_tasks=10)
+            if t > 1:
+                method.load_state(load_file(str(state_file), device=o.device), tasks[:-1])
+            g = torch.Generator().manual_seed(t)
+            size = method.backbone.img_size
+            x = torch.rand(o.cls_batch, 3, size, size, generator=g).to(o.device)
+            y = torch.randint(task.lo, task.hi, (o.cls_batch,), generator=g).to(o.device)
+            hx = torch.rand(per, 3, size, size, generator=g).to(o.device)  # one image of every class of the task
+            hy = torch.arange(task.lo, task.hi, device=o.device)
+            images = lambda: ((hx[i:i + o.cls_batch], hy[i:i + o.cls_batch])  # noqa: E731
+                              for i in range(0, per, o.cls_batch))
+            method.begin_task(task)
+            method.to(o.device)
+            method.eval()
+            t0 = time.perf_counter()
+            with torch.no_grad(), amp():
+                method.before_training(task, images)
+            hooks = time.perf_counter() - t0
+            groups = [grp for grp in method.param_groups() if grp["params"]]
+            trains.append(int(bool(groups)))
+            if groups:
+                loop = TaskLoop(method, task, torch.optim.Adam(groups, lr=s.lr), groups, device=o.device,
+                                precision=s.precision)
+                method.train()
+                batch = {"x": x, "y": y, "task": task, "step": 0}
+                stamps = _timed(lambda: loop.step([batch], "bench"), o.warmup + o.cls_steps, o.device)  # noqa: B023
+                step_s += [b - a for a, b in zip(stamps[o.warmup:], stamps[o.warmup + 1:])]
+            method.eval()
+            _sync(o.device)
+            t0 = time.perf_counter()
+            with torch.no_grad(), amp():
+                method.after_training(task, images)
+            _sync(o.device)
+            hook_s.append(hooks + time.perf_counter() - t0)
+            method.end_task(task)
+            save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}, str(state_file))
+            state_bytes.append(state_file.stat().st_size)
+    with torch.no_grad():
+        cache = method.precompute(x)
+
+    def evaluate():
+        with torch.no_grad(), amp():
+            method.logits(x, cache)
+    ev = _timed(evaluate, o.warmup + o.cls_steps, o.device)
+    return {"rate": o.cls_batch / statistics.median(step_s) if step_s else 0.0, "unit": "images/s",
+            "items": o.cls_batch, "eval_images_per_s": _median_rate(ev, o.warmup, o.cls_batch),
+            "trains": trains, "hook_s": [round(h, 4) for h in hook_s], "hook_passes": hook_passes(cls),
+            "state_bytes": state_bytes}
+
+
+def hook_passes(cls) -> int:
+    """How many of the per-task passes over the training images (``before_training``, ``after_training``) the
+    method class overrides: each reads the task's images once."""
+    from .methods.cls_base import ClsMethod
+
+    return sum(getattr(cls, h) is not getattr(ClsMethod, h) for h in ("before_training", "after_training"))
+
+
 CASE_FUNCS = {
     ("t2i_train", "ours"): t2i_train_ours, ("t2i_train", "reference"): t2i_train_reference,
     ("t2i_sample", "ours"): t2i_sample_ours, ("t2i_sample", "reference"): t2i_sample_reference,
@@ -469,6 +557,7 @@ CASE_FUNCS = {
     ("cls_eval", "ours"): lambda o: _cls_rate(o, "ours", False),
     ("cls_eval", "reference"): lambda o: _cls_rate(o, "reference", False),
     ("t2i_method", "ours"): t2i_method,
+    ("cls_method", "ours"): cls_method,
 }
 
 
@@ -508,6 +597,8 @@ def peak_tflops(name: str, dtype: str) -> float | None:
 
 def case_row(case: str, way: str, o: BenchOptions, res: dict, name: str) -> dict:
     t2i = case.startswith("t2i")
+    if case == "cls_method" and not res["rate"]:  # a method that trains nothing (SimpleCIL): no training rate
+        res = {**res, "rate": float("nan")}
     dtype = "bf16" if way == "ours" and o.device.startswith("cuda") else "fp32"
     items_s = res["rate"] * (res["items"] if res["unit"] == "steps/s" else 1)
     flops = res.get("model_flops_per_item")
@@ -524,16 +615,21 @@ def case_row(case: str, way: str, o: BenchOptions, res: dict, name: str) -> dict
             "peak_memory_gb": res["peak_memory_gb"], "memory_kind": res["memory_kind"],
             "task_seconds": round(res["task_seconds"], 2) if "task_seconds" in res else None,
             **({"method": o.method, **{k: ";".join(map(str, res[k])) for k in PER_TASK}}
-               if case == "t2i_method" else {})}
+               if case == "t2i_method" else {}),
+            **({"method": o.method, "eval_images_per_s": round(res["eval_images_per_s"], 5),
+                "hook_passes": res["hook_passes"], **{k: ";".join(map(str, res[k])) for k in CLS_PER_TASK}}
+               if case == "cls_method" else {})}
 
 
 PER_TASK = ("outside_nograd", "outside_grad", "state_bytes")  # t2i_method: one value per task, ';'-joined
+CLS_PER_TASK = ("trains", "hook_s", "state_bytes")  # cls_method: one value per task, ';'-joined
 
 
 def bench(o: BenchOptions, cases: list[str], host: str, out: str | Path | None, runner=run_isolated,
-          methods: dict[str, dict] | None = None):
-    """Every case both ways, then every text-to-image method of ``methods`` (name -> its settings) our way; the
-    rows (with ``ratio`` = ours / reference where there is a reference) written to ``out`` as CSV."""
+          methods: dict[str, dict] | None = None, cls_methods: dict[str, dict] | None = None):
+    """Every case both ways, then every method of ``methods`` (text-to-image) and ``cls_methods`` (classification;
+    name -> its settings) our way; the rows (with ``ratio`` = ours / reference where there is a reference) written to
+    ``out`` as CSV."""
     import pandas as pd
 
     from .methods.registry import get_method
@@ -542,13 +638,16 @@ def bench(o: BenchOptions, cases: list[str], host: str, out: str | Path | None, 
     bad = [c for c in cases if c not in CASES]
     if bad:
         raise UserError(f"bench: unknown case(s) {bad}; known: {list(CASES)}")
-    for m in methods or {}:
-        get_method("t2i", m)  # an unknown name stops here, before anything is timed
+    for track, names in (("t2i", methods), ("cls", cls_methods)):
+        for m in names or {}:
+            get_method(track, m)  # an unknown name stops here, before anything is timed
     o = o.resolved()
     name = device_name(o.device)
     jobs = [(c, w, o) for c in cases for w in WAYS]
     jobs += [("t2i_method", "ours", replace(o, method=m, method_settings=dict(st or {})))
              for m, st in (methods or {}).items()]
+    jobs += [("cls_method", "ours", replace(o, method=m, method_settings=dict(st or {})))
+             for m, st in (cls_methods or {}).items()]
     rows = []
     for case, way, oo in progress(jobs, desc="bench"):
         rows.append(case_row(case, way, oo, runner(case, way, oo), name))
@@ -708,8 +807,70 @@ def cost_markdown(df, config: dict) -> str:
     return head + "\n".join(lines) + tail + method_cost_markdown(df, config)
 
 
+def cls_method_cost_table(df, config: dict):
+    """Hours, kept state and peak memory per classification method of ``config`` measured in ``df`` (``cls_method``
+    rows), per sequence length, on ImageNet-R (:data:`IMAGENET_R`).
+
+    Per run of T tasks (24,000 / T training images each): the tasks that train (``trains``) x ``epochs`` passes at
+    the method's training rate; per task, its passes over the task's images (``hook_passes`` x the images at its
+    evaluation rate) plus what those hooks took beyond that on one image per class (``hook_s``, fixed work such as
+    RanPAC's ridge selection); the evaluation of every seen task after every task at its evaluation rate. Disk: the
+    state after the last task (this track keeps only the latest). Per-task values beyond the measured tasks: the last
+    one (``trains``, ``hook_s``) or carried on linearly (``state_bytes``, :func:`per_task`).
+    """
+    import pandas as pd
+
+    if "case" not in df or not (df.case == "cls_method").any():
+        return pd.DataFrame()
+    rows_m = df[df.case == "cls_method"].set_index("method")
+    base = {**config.get("cls_train", {})}
+    rows = []
+    for T in config.get("cls_n_tasks", config.get("n_tasks", [])):
+        per_task_images = IMAGENET_R["train"] / T
+        for m in config.get("cls_methods", []):
+            if m not in rows_m.index:
+                continue
+            r = rows_m.loc[m]
+            split = lambda col: [float(v) for v in str(r[col]).split(";")]  # noqa: E731
+            last = lambda col: [split(col)[min(t, len(split(col)) - 1)] for t in range(T)]  # noqa: E731
+            epochs = {**base, **config.get("cls_method_settings", {}).get(m, {})}.get("epochs", 50)
+            trains = sum(last("trains"))
+            train_s = trains * epochs * per_task_images / r.rate if trains else 0.0
+            hooks_s = sum(last("hook_s")) + T * int(r.hook_passes) * per_task_images / r.eval_images_per_s
+            eval_s = IMAGENET_R["test"] * (T + 1) / 2 / r.eval_images_per_s
+            n_runs = len(config.get("cls_seeds", config.get("seeds", [])))
+            rows.append({"n_tasks": T, "method": m, "epochs": epochs, "train_h_per_run": train_s / 3600,
+                         "passes_h_per_run": hooks_s / 3600, "evaluation_h_per_run": eval_s / 3600, "runs": n_runs,
+                         "total_h": (train_s + hooks_s + eval_s) / 3600 * n_runs,
+                         "state_gb": per_task(split("state_bytes"), T)[-1] / 1e9, "peak_memory_gb": r.peak_memory_gb})
+    return pd.DataFrame(rows)
+
+
 def method_cost_markdown(df, config: dict) -> str:
-    """The per-method table (:func:`method_cost_table`) as Markdown; empty without ``t2i_method`` rows."""
+    """The per-method tables (:func:`method_cost_table`, :func:`cls_method_cost_table`) as Markdown; empty without
+    per-method rows."""
+    return _t2i_method_markdown(df, config) + _cls_method_markdown(df, config)
+
+
+def _cls_method_markdown(df, config: dict) -> str:
+    mc = cls_method_cost_table(df, config)
+    if mc.empty:
+        return ""
+    r0 = df[df.case == "cls_method"].iloc[0]
+    lines = [f"\nPer classification method (ImageNet-R, {r0.arch}, batch {int(r0.batch)}, each method's own step, "
+             "passes and settings; a task that trains nothing runs no step; the state kept is the last task's):\n",
+             "| tasks | method | epochs | training h/run | passes over the images h/run | evaluation h/run | runs | "
+             "hours in all | state kept (GB) | peak memory (GB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in mc.itertuples():
+        lines.append(f"| {r.n_tasks} | {r.method} | {r.epochs} | {r.train_h_per_run:,.2f} | {r.passes_h_per_run:,.2f} | "
+                     f"{r.evaluation_h_per_run:,.2f} | {r.runs} | {r.total_h:,.0f} | {r.state_gb:,.2f} | "
+                     f"{r.peak_memory_gb:.1f} |")
+    lines.append(f"| all | | | | | | {int(mc.runs.sum())} | {mc.total_h.sum():,.0f} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def _t2i_method_markdown(df, config: dict) -> str:
     mc = method_cost_table(df, config)
     if mc.empty:
         return ""

@@ -249,7 +249,11 @@ def cmd_profile(a):
          opt("--methods", nargs="+", default=[],
              help="also time these text-to-image methods through the engine (their step, sampling inside training, "
                   "checkpoint bytes) with their settings in --cost-config; 'config': every method of --cost-config"),
-         opt("--method-tasks", type=int, default=3, help="tasks each method trains (--methods)"),
+         opt("--cls-methods", nargs="+", default=[],
+             help="also time these classification methods the way the engine trains them (their step, passes over "
+                  "the images, evaluation, kept state) with their settings in --cost-config; 'config': every "
+                  "cls method of --cost-config"),
+         opt("--method-tasks", type=int, default=3, help="tasks each method trains (--methods, --cls-methods)"),
          group="user", gpu=True)
 def cmd_bench(a):
     import socket
@@ -268,13 +272,18 @@ def cmd_bench(a):
     names = list(cfg.get("methods", [])) if a.methods == ["config"] else a.methods
     if a.methods == ["config"] and not names:
         raise UserError("bench --methods config: give --cost-config with a methods list")
+    cls_names = list(cfg.get("cls_methods", [])) if a.cls_methods == ["config"] else a.cls_methods
+    if a.cls_methods == ["config"] and not cls_names:
+        raise UserError("bench --cls-methods config: give --cost-config with a cls_methods list")
     if a.method_tasks < 1:
         raise UserError(f"bench --method-tasks {a.method_tasks}: at least 1")
     o = BenchOptions(device=a.device, t2i_arch=a.t2i_arch, cls_arch=a.cls_arch, resolution=a.resolution,
                      steps=a.steps, batch=a.batch, rank=a.rank, sample_steps=a.sample_steps, n_images=a.n_images,
                      cls_batch=a.cls_batch, method_tasks=a.method_tasks)
     settings = cfg.get("method_settings") or {}
-    df = bench(o, a.cases, host, out, methods={m: settings.get(m, {}) for m in names})
+    cls_settings = {m: {**(cfg.get("cls_train") or {}), **((cfg.get("cls_method_settings") or {}).get(m) or {})}
+                    for m in cls_names}
+    df = bench(o, a.cases, host, out, methods={m: settings.get(m, {}) for m in names}, cls_methods=cls_settings)
     cols = ["case", "way", "arch", "dtype", "rate", "unit", "ratio", "peak_memory_gb", "mfu"] + \
         (["method"] if "method" in df else [])
     print(df[cols].to_string(index=False))

@@ -43,8 +43,8 @@ rule run_config:
 # `snakemake bench`: this machine's training and sampling speed, ours beside the reference recipes (diffusers'
 # LoRA / Custom Diffusion examples, StableDiffusionPipeline's call, CODA-P's two passes), on Stable Diffusion v1.x
 # and ViT-B/16 architectures with random weights; then every text-to-image method of config/paper.yaml through
-# the engine (its step, its sampling inside training, its checkpoint bytes); and the paper profile's hours, disk and
-# memory from those measurements. Not part of `all`. On a GPU the paper's sizes run; on a CPU a reduced resolution (the CSV's rows say which).
+# the engine (its step, its sampling inside training, its checkpoint bytes), and every classification method (its
+# step, its passes over the images, its evaluation); and the paper profile's hours, disk and memory from those. Not part of `all`. On a GPU the paper's sizes run; on a CPU a reduced resolution (the CSV's rows say which).
 BENCH_HOST = os.environ.get("CONTINUAL_BENCH_HOST") or __import__("socket").gethostname().split(".")[0]
 
 
@@ -68,4 +68,4 @@ rule bench:
         CONDA_ENV
     shell:
         "{CLI:q} --threads {threads} bench --host {params.host:q} --device {params.device:q} --out {output.csv:q} "
-        "--cost-config {params.cost_config:q} --methods config > {log:q} 2>&1"
+        "--cost-config {params.cost_config:q} --methods config --cls-methods config > {log:q} 2>&1"
