@@ -1,9 +1,11 @@
 """`continual-bench bench` (issue 20): every comparison runs both ways on the toy architectures, the ratios and the
 cost table are the arithmetic they claim, and bad input is refused."""
+import numpy as np
 import pandas as pd
 import pytest
 
 from continual_bench import bench as B
+from continual_bench.methods.registry import get_method
 from continual_bench.utils import UserError
 
 
@@ -159,3 +161,57 @@ def test_bench_methods_config_needs_a_cost_config(tmp_path, capsys):
 
     assert cli.main(["bench", "--methods", "config", "--out", str(tmp_path / "b.csv")]) == 2
     assert "--methods config" in capsys.readouterr().err and not (tmp_path / "b.csv").exists()
+
+
+def test_each_classification_method_runs_the_engines_way_and_its_passes_are_timed():
+    o = B.BenchOptions(device="cpu", cls_arch="toy", cls_steps=1, cls_batch=4).resolved()
+    def run(m, st=None, tasks=2):
+        res = B.run_case("cls_method", "ours", B.replace(o, method=m, method_settings=st or {}, method_tasks=tasks))
+        return res, B.case_row("cls_method", "ours", B.replace(o, method=m), res, "cpu")
+
+    # SimpleCIL trains nothing (no step: its rate is NaN, not 0 images/s) and averages features in after_training
+    sc, row = run("simplecil")
+    assert sc["trains"] == [0, 0] and sc["hook_passes"] == 1 and sc["rate"] == 0.0 and np.isnan(row["rate"])
+    assert sc["eval_images_per_s"] > 0 and row["trains"] == "0;0" and row["method"] == "simplecil"
+    # RanPAC tunes its PETL module on the first task only, then fits its ridge head after every task
+    rp, _ = run("ranpac", {"rp_dim": 32, "ridge": 1.0e-3})
+    assert rp["trains"] == [1, 0] and rp["rate"] > 0 and all(h > 0 for h in rp["hook_s"])
+    # InfLoRA: a pass before training (the input subspace) and one after (its memory); C-LoRA none
+    inf, _ = run("inflora", tasks=1)
+    assert inf["hook_passes"] == 2 and B.hook_passes(get_method("cls", "c_lora")) == 0
+    # C-LoRA keeps every task's adapter: the kept state grows by the same bytes each task
+    cl, _ = run("c_lora", {"rank": 2}, tasks=3)
+    s = cl["state_bytes"]
+    assert cl["trains"] == [1, 1, 1] and s[1] - s[0] == pytest.approx(s[2] - s[1], rel=0.01) and s[1] > s[0]
+    with pytest.raises(UserError, match="unknown"):
+        B.bench(o, [], "h", None, runner=B.run_case, cls_methods={"no_such_method": {}})
+
+
+def test_cls_method_cost_table_is_each_methods_epochs_passes_and_evaluation_over_its_rates():
+    df = pd.DataFrame([
+        {"case": "cls_method", "way": "ours", "method": "m", "rate": 100.0, "eval_images_per_s": 500.0,
+         "hook_passes": 1, "trains": "1;0", "hook_s": "10;20", "state_bytes": "1000000000;3000000000",
+         "peak_memory_gb": 2.0, "arch": "vitb16", "batch": 4},
+        {"case": "cls_method", "way": "ours", "method": "none", "rate": float("nan"), "eval_images_per_s": 600.0,
+         "hook_passes": 0, "trains": "0", "hook_s": "0", "state_bytes": "5", "peak_memory_gb": 1.0,
+         "arch": "vitb16", "batch": 4},
+    ])
+    cfg = {"cls_n_tasks": [4], "cls_seeds": [0, 1, 2], "cls_methods": ["m", "none", "not_measured"],
+           "cls_train": {"epochs": 5}, "cls_method_settings": {"none": {"epochs": 7}}}
+    mc = B.cls_method_cost_table(df, cfg).set_index("method")
+    assert list(mc.index) == ["m", "none"]
+    m = mc.loc["m"]
+    # the first task trains (5 epochs x 24,000 / 4 images at 100/s); the last task's trains=0 carries on
+    assert m.train_h_per_run == pytest.approx(5 * 6000 / 100 / 3600)
+    # hooks: 10 + 20 + 20 + 20 s, + 4 tasks x one pass over 6,000 images at 500/s
+    assert m.passes_h_per_run == pytest.approx((70 + 4 * 6000 / 500) / 3600)
+    # every seen task's test images after every task: 6,000 x (4 + 1) / 2 at 500/s
+    assert m.evaluation_h_per_run == pytest.approx(6000 * 2.5 / 500 / 3600)
+    # the kept state carried on linearly to the 4th task: 1, 3, 5, 7 GB
+    assert m.state_gb == pytest.approx(7) and m.runs == 3
+    assert m.total_h == pytest.approx(3 * (m.train_h_per_run + m.passes_h_per_run + m.evaluation_h_per_run))
+    n = mc.loc["none"]
+    assert n.train_h_per_run == 0 and n.epochs == 7 and n.passes_h_per_run == 0
+    md = B.method_cost_markdown(df, cfg)
+    assert "| 4 | m | 5 | 0.08 | 0.03 | 0.01 | 3 |" in md and "| all | | | | | | 6 |" in md
+    assert B.cls_method_cost_table(df.assign(case="cls_eval"), cfg).empty
