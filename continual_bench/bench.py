@@ -815,8 +815,9 @@ def cls_method_cost_table(df, config: dict):
     the method's training rate; per task, its passes over the task's images (``hook_passes`` x the images at its
     evaluation rate) plus what those hooks took on one image per class (``hook_s``: fixed work such as RanPAC's ridge
     selection; work that grows with the images beyond the pass itself, such as RanPAC's Gram products, 2 M^2 flops
-    per image, is timed on those images only, so the passes' hours are a lower bound); the evaluation of every seen task after every task at its evaluation rate. Disk: the
-    state after the last task (this track keeps only the latest). Per-task values beyond the measured tasks: the last
+    per image, is timed on those images only, so the passes' hours are a lower bound); the evaluation of every seen
+    task after every task at its evaluation rate. Disk: the state after the last task (this track keeps only the
+    latest). Per-task values beyond the measured tasks: the last
     one (``trains``, ``hook_s``) or carried on linearly (``state_bytes``, :func:`per_task`).
     """
     import pandas as pd
@@ -853,22 +854,26 @@ def method_cost_markdown(df, config: dict) -> str:
     return _t2i_method_markdown(df, config) + _cls_method_markdown(df, config)
 
 
+def _markdown_table(intro: str, head: list[str], rows: list[list[str]]) -> str:
+    """``intro``, then a Markdown table with columns ``head`` and ``rows`` (an empty cell stays empty)."""
+    line = lambda cells: "|" + "|".join(f" {c} " if c != "" else " " for c in cells) + "|"  # noqa: E731
+    return "\n".join([intro, line(head), "|" + "---|" * len(head)] + [line(r) for r in rows]) + "\n"
+
+
 def _cls_method_markdown(df, config: dict) -> str:
     mc = cls_method_cost_table(df, config)
     if mc.empty:
         return ""
     r0 = df[df.case == "cls_method"].iloc[0]
-    lines = [f"\nPer classification method (ImageNet-R, {r0.arch}, batch {int(r0.batch)}, each method's own step, "
-             "passes and settings; a task that trains nothing runs no step; the state kept is the last task's):\n",
-             "| tasks | method | epochs | training h/run | passes over the images h/run | evaluation h/run | runs | "
-             "hours in all | state kept (GB) | peak memory (GB) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in mc.itertuples():
-        lines.append(f"| {r.n_tasks} | {r.method} | {r.epochs} | {r.train_h_per_run:,.2f} | "
-                     f"{r.passes_h_per_run:,.2f} | {r.evaluation_h_per_run:,.2f} | {r.runs} | {r.total_h:,.0f} | "
-                     f"{r.state_gb:,.2f} | {r.peak_memory_gb:.1f} |")
-    lines.append(f"| all | | | | | | {int(mc.runs.sum())} | {mc.total_h.sum():,.0f} | | |")
-    return "\n".join(lines) + "\n"
+    rows = [[r.n_tasks, r.method, r.epochs, f"{r.train_h_per_run:,.2f}", f"{r.passes_h_per_run:,.2f}",
+             f"{r.evaluation_h_per_run:,.2f}", r.runs, f"{r.total_h:,.0f}", f"{r.state_gb:,.2f}",
+             f"{r.peak_memory_gb:.1f}"] for r in mc.itertuples()]
+    rows.append(["all", "", "", "", "", "", int(mc.runs.sum()), f"{mc.total_h.sum():,.0f}", "", ""])
+    return _markdown_table(
+        f"\nPer classification method (ImageNet-R, {r0.arch}, batch {int(r0.batch)}, each method's own step, passes "
+        "and settings; a task that trains nothing runs no step; the state kept is the last task's):\n",
+        ["tasks", "method", "epochs", "training h/run", "passes over the images h/run", "evaluation h/run", "runs",
+         "hours in all", "state kept (GB)", "peak memory (GB)"], rows)
 
 
 def _t2i_method_markdown(df, config: dict) -> str:
@@ -876,19 +881,17 @@ def _t2i_method_markdown(df, config: dict) -> str:
     if mc.empty:
         return ""
     r0 = df[df.case == "t2i_method"].iloc[0]
-    lines = [f"\nPer text-to-image method ({int(r0.resolution)} px, each method's own step and settings; sampling "
-             "inside training and gradient passes outside the steps counted per task over the first tasks and carried on "
-             "linearly; checkpoints: every task's state, as the engine keeps them):\n",
-             "| benchmark | tasks x steps | method | training h/run | sampling in training h/run | evaluation h/run | "
-             "runs | hours in all | checkpoints GB/run | peak memory (GB) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in mc.itertuples():
-        lines.append(f"| {r.benchmark} | {r.n_tasks} x {r.steps} | {r.method} | {r.train_h_per_run:,.2f} | "
-                     f"{r.sample_in_training_h_per_run:,.2f} | {r.evaluation_h_per_run:,.2f} | {r.runs} | "
-                     f"{r.total_h:,.0f} | {r.checkpoints_gb_per_run:,.2f} | {r.peak_memory_gb:.1f} |")
-    lines.append(f"| all | | | | | | {int(mc.runs.sum())} | {mc.total_h.sum():,.0f} | "
-                 f"{(mc.checkpoints_gb_per_run * mc.runs).sum():,.0f} (all runs) | |")
-    return "\n".join(lines) + "\n"
+    rows = [[r.benchmark, f"{r.n_tasks} x {r.steps}", r.method, f"{r.train_h_per_run:,.2f}",
+             f"{r.sample_in_training_h_per_run:,.2f}", f"{r.evaluation_h_per_run:,.2f}", r.runs, f"{r.total_h:,.0f}",
+             f"{r.checkpoints_gb_per_run:,.2f}", f"{r.peak_memory_gb:.1f}"] for r in mc.itertuples()]
+    rows.append(["all", "", "", "", "", "", int(mc.runs.sum()), f"{mc.total_h.sum():,.0f}",
+                 f"{(mc.checkpoints_gb_per_run * mc.runs).sum():,.0f} (all runs)", ""])
+    return _markdown_table(
+        f"\nPer text-to-image method ({int(r0.resolution)} px, each method's own step and settings; sampling inside "
+        "training and gradient passes outside the steps counted per task over the first tasks and carried on "
+        "linearly; checkpoints: every task's state, as the engine keeps them):\n",
+        ["benchmark", "tasks x steps", "method", "training h/run", "sampling in training h/run", "evaluation h/run",
+         "runs", "hours in all", "checkpoints GB/run", "peak memory (GB)"], rows)
 
 
 if __name__ == "__main__":  # one isolated case (run_isolated): python -m continual_bench.bench CASE WAY OPTIONS_JSON
