@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from .utils import UserError, atomic_path, git_commit, package_versions
+from .utils import UserError, atomic_path, git_commit, package_versions, set_threads
 
 # dense peak TFLOP/s per dtype (vendor data sheets; fp32 without TF32). Unknown devices: no MFU.
 PEAK_TFLOPS = {"H200": {"bf16": 989.5, "fp32": 66.9}, "H100": {"bf16": 989.5, "fp32": 66.9},
@@ -84,6 +84,7 @@ class BenchOptions:
     method: str = ""          # t2i_method: the method (its settings below; steps are the bench's)
     method_settings: dict = field(default_factory=dict)
     method_tasks: int = 3     # t2i_method: tasks trained (what a task does beyond its steps may depend on t)
+    threads: int = 0          # torch CPU threads every case runs with; 0 = this process's (``--threads``)
 
     def resolved(self) -> "BenchOptions":
         """The options with the device and every 0 (= "the device's default") filled in."""
@@ -94,7 +95,8 @@ class BenchOptions:
         return replace(self, device=device,
                        resolution=self.resolution or (32 if self.t2i_arch == "toy" else 512 if gpu else 64),
                        sample_steps=self.sample_steps or (200 if gpu else 2),
-                       cls_batch=self.cls_batch or (128 if gpu else 4))
+                       cls_batch=self.cls_batch or (128 if gpu else 4),
+                       threads=self.threads or torch.get_num_threads())
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -566,9 +568,10 @@ def run_case(case: str, way: str, o: BenchOptions) -> dict:
     """One case one way, in this process: its measurement and this process's peak memory."""
     if o.warmup < 1:
         raise UserError(f"bench: warmup {o.warmup}; at least 1 warm-up step (the first step is not timed)")
+    set_threads(o.threads)  # an isolated case's process starts with torch's default (every core), not --threads
     res = CASE_FUNCS[(case, way)](o)
     mem, kind = _peak_memory_gb(o.device)
-    return {**res, "peak_memory_gb": round(mem, 3), "memory_kind": kind}
+    return {**res, "peak_memory_gb": round(mem, 3), "memory_kind": kind, "threads": torch.get_num_threads()}
 
 
 def run_isolated(case: str, way: str, o: BenchOptions, timeout: float = 3600) -> dict:
@@ -581,10 +584,10 @@ def run_isolated(case: str, way: str, o: BenchOptions, timeout: float = 3600) ->
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def device_name(device: str) -> str:
+def device_name(device: str, n: int) -> str:
+    """The GPU's name, or the CPU with the ``n`` torch threads the cases ran with."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
-    n = torch.get_num_threads()
     return f"{platform.processor() or platform.machine()} CPU, {n} thread{'s' if n > 1 else ''}"
 
 
@@ -642,7 +645,7 @@ def bench(o: BenchOptions, cases: list[str], host: str, out: str | Path | None, 
         for m in names or {}:
             get_method(track, m)  # an unknown name stops here, before anything is timed
     o = o.resolved()
-    name = device_name(o.device)
+    name = device_name(o.device, o.threads)
     jobs = [(c, w, o) for c in cases for w in WAYS]
     jobs += [("t2i_method", "ours", replace(o, method=m, method_settings=dict(st or {})))
              for m, st in (methods or {}).items()]

@@ -32,6 +32,22 @@ def test_every_case_runs_both_ways_on_the_toy_architectures(tmp_path):
     assert {"host", "device_name", "git_commit", "packages", "peak_memory_gb", "mfu"} <= set(df.columns)
 
 
+def test_an_isolated_case_runs_with_the_threads_the_row_names():
+    """A case's own process starts with torch's default threads (every core): the row would say 1 thread while the
+    case used them all. The options carry the threads into it."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        o = B.BenchOptions(device="cpu", cls_arch="toy", cls_steps=1, cls_batch=2).resolved()
+        res = B.run_isolated("cls_eval", "ours", o)
+    finally:
+        torch.set_num_threads(before)
+    assert o.threads == 1 and res["threads"] == 1 and B.device_name("cpu", o.threads).endswith("CPU, 1 thread")
+    assert B.device_name("cpu", 2).endswith("CPU, 2 threads")
+
+
 def test_unknown_case_and_bad_resolution_are_refused():
     o = B.BenchOptions(device="cpu", t2i_arch="toy")
     with pytest.raises(UserError, match=r"unknown case\(s\) \['t2i_fast'\]"):
