@@ -814,7 +814,8 @@ def cls_method_cost_table(df, config: dict):
     """Hours, kept state and peak memory per classification method of ``config`` measured in ``df`` (``cls_method``
     rows), per sequence length, on ImageNet-R (:data:`IMAGENET_R`).
 
-    Per run of T tasks (24,000 / T training images each): the tasks that train (``trains``) x ``epochs`` passes at
+    Per run of T tasks (24,000 / T training images each; a ``joint`` method, the upper bound, trains one task of all
+    24,000 and is evaluated once): the tasks that train (``trains``) x ``epochs`` passes at
     the method's training rate; per task, its passes over the task's images (``hook_passes`` x the images at its
     evaluation rate) plus what those hooks took on one image per class (``hook_s``: fixed work such as RanPAC's ridge
     selection; work that grows with the images beyond the pass itself, such as RanPAC's Gram products, 2 M^2 flops
@@ -827,27 +828,31 @@ def cls_method_cost_table(df, config: dict):
 
     if "case" not in df or not (df.case == "cls_method").any():
         return pd.DataFrame()
+    from .methods.registry import get_method
+
     rows_m = df[df.case == "cls_method"].set_index("method")
     base = {**config.get("cls_train", {})}
     rows = []
     for T in config.get("cls_n_tasks", config.get("n_tasks", [])):
-        per_task_images = IMAGENET_R["train"] / T
         for m in config.get("cls_methods", []):
             if m not in rows_m.index:
                 continue
             r = rows_m.loc[m]
+            joint = get_method("cls", m).joint  # one task of every class, evaluated once (the upper bound)
+            k = 1 if joint else T  # tasks trained
+            per_task_images = IMAGENET_R["train"] / k
             split = lambda col: [float(v) for v in str(r[col]).split(";")]  # noqa: E731
-            last = lambda col: [split(col)[min(t, len(split(col)) - 1)] for t in range(T)]  # noqa: E731
+            last = lambda col: [split(col)[min(t, len(split(col)) - 1)] for t in range(k)]  # noqa: E731
             epochs = {**base, **config.get("cls_method_settings", {}).get(m, {})}.get("epochs", 50)
             trains = sum(last("trains"))
             train_s = trains * epochs * per_task_images / r.rate if trains else 0.0
-            hooks_s = sum(last("hook_s")) + T * int(r.hook_passes) * per_task_images / r.eval_images_per_s
-            eval_s = IMAGENET_R["test"] * (T + 1) / 2 / r.eval_images_per_s
+            hooks_s = sum(last("hook_s")) + k * int(r.hook_passes) * per_task_images / r.eval_images_per_s
+            eval_s = IMAGENET_R["test"] * (1 if joint else (T + 1) / 2) / r.eval_images_per_s
             n_runs = len(config.get("cls_seeds", config.get("seeds", [])))
             rows.append({"n_tasks": T, "method": m, "epochs": epochs, "train_h_per_run": train_s / 3600,
                          "passes_h_per_run": hooks_s / 3600, "evaluation_h_per_run": eval_s / 3600, "runs": n_runs,
                          "total_h": (train_s + hooks_s + eval_s) / 3600 * n_runs,
-                         "state_gb": per_task(split("state_bytes"), T)[-1] / 1e9, "peak_memory_gb": r.peak_memory_gb})
+                         "state_gb": per_task(split("state_bytes"), k)[-1] / 1e9, "peak_memory_gb": r.peak_memory_gb})
     return pd.DataFrame(rows)
 
 

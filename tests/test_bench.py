@@ -212,11 +212,13 @@ def test_cls_method_cost_table_is_each_methods_epochs_passes_and_evaluation_over
          "hook_passes": 0, "trains": "0", "hook_s": "0", "state_bytes": "5", "peak_memory_gb": 1.0,
          "arch": "vitb16", "batch": 4},
     ])
-    cfg = {"cls_n_tasks": [4], "cls_seeds": [0, 1, 2], "cls_methods": ["m", "none", "not_measured"],
-           "cls_train": {"epochs": 5}, "cls_method_settings": {"none": {"epochs": 7}}}
+    df = pd.concat([df, df.iloc[[0]].assign(method="upper_bound")], ignore_index=True)
+    df["method"] = df.method.replace({"m": "ft", "none": "simplecil"})
+    cfg = {"cls_n_tasks": [4], "cls_seeds": [0, 1, 2], "cls_methods": ["ft", "simplecil", "coda_p", "upper_bound"],
+           "cls_train": {"epochs": 5}, "cls_method_settings": {"simplecil": {"epochs": 7}}}
     mc = B.cls_method_cost_table(df, cfg).set_index("method")
-    assert list(mc.index) == ["m", "none"]
-    m = mc.loc["m"]
+    assert list(mc.index) == ["ft", "simplecil", "upper_bound"]  # coda_p: not measured
+    m = mc.loc["ft"]
     # the first task trains (5 epochs x 24,000 / 4 images at 100/s); the last task's trains=0 carries on
     assert m.train_h_per_run == pytest.approx(5 * 6000 / 100 / 3600)
     # hooks: 10 + 20 + 20 + 20 s, + 4 tasks x one pass over 6,000 images at 500/s
@@ -226,8 +228,13 @@ def test_cls_method_cost_table_is_each_methods_epochs_passes_and_evaluation_over
     # the kept state carried on linearly to the 4th task: 1, 3, 5, 7 GB
     assert m.state_gb == pytest.approx(7) and m.runs == 3
     assert m.total_h == pytest.approx(3 * (m.train_h_per_run + m.passes_h_per_run + m.evaluation_h_per_run))
-    n = mc.loc["none"]
+    n = mc.loc["simplecil"]
     assert n.train_h_per_run == 0 and n.epochs == 7 and n.passes_h_per_run == 0
+    # the upper bound trains one task of all 24,000 images (its first measured task) and is evaluated once
+    u = mc.loc["upper_bound"]
+    assert u.train_h_per_run == pytest.approx(5 * 24000 / 100 / 3600) and u.state_gb == pytest.approx(1)
+    assert u.passes_h_per_run == pytest.approx((10 + 24000 / 500) / 3600)
+    assert u.evaluation_h_per_run == pytest.approx(6000 / 500 / 3600)
     md = B.method_cost_markdown(df, cfg)
-    assert "| 4 | m | 5 | 0.08 | 0.03 | 0.01 | 3 |" in md and "| all | | | | | | 6 |" in md
+    assert "| 4 | ft | 5 | 0.08 | 0.03 | 0.01 | 3 |" in md and "| all | | | | | | 9 |" in md
     assert B.cls_method_cost_table(df.assign(case="cls_eval"), cfg).empty
