@@ -171,9 +171,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _gaps(stamps: list[float], warmup: int) -> list[float]:
+    """The durations of the steps whose start times are ``stamps``, the first ``warmup`` steps left out."""
+    return [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
+
+
 def _median_rate(stamps: list[float], warmup: int, items: int) -> float:
     """Items per second from the start times of consecutive steps, the first ``warmup`` steps left out."""
-    gaps = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
+    gaps = _gaps(stamps, warmup)
     if not gaps:
         raise UserError("bench: too few steps to time (steps must be >= 1 after warm-up)")
     return items / statistics.median(gaps)
@@ -376,7 +381,7 @@ def t2i_method(o: BenchOptions) -> dict:
             stamps.clear()
             outside.update(nograd=0, grad=0)
             train_one_task(method, task, seed=0)
-            step_s += [b - a for a, b in zip(stamps[o.warmup:], stamps[o.warmup + 1:])]
+            step_s += _gaps(stamps, o.warmup)
             nograd.append(outside["nograd"])
             grad.append(outside["grad"])
             save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}, str(state_file))
@@ -519,7 +524,7 @@ def cls_method(o: BenchOptions) -> dict:
                 method.train()
                 batch = {"x": x, "y": y, "task": task, "step": 0}
                 stamps = _timed(lambda: loop.step([batch], "bench"), o.warmup + o.cls_steps, o.device)  # noqa: B023
-                step_s += [b - a for a, b in zip(stamps[o.warmup:], stamps[o.warmup + 1:])]
+                step_s += _gaps(stamps, o.warmup)
             method.eval()
             _sync(o.device)
             t0 = time.perf_counter()
@@ -810,6 +815,11 @@ def cost_markdown(df, config: dict) -> str:
     return head + "\n".join(lines) + tail + method_cost_markdown(df, config)
 
 
+def cls_settings(config: dict, method: str) -> dict:
+    """A classification method's settings in ``config``: ``cls_train``, then its ``cls_method_settings`` entry."""
+    return {**(config.get("cls_train") or {}), **((config.get("cls_method_settings") or {}).get(method) or {})}
+
+
 def cls_method_cost_table(df, config: dict):
     """Hours, kept state and peak memory per classification method of ``config`` measured in ``df`` (``cls_method``
     rows), per sequence length, on ImageNet-R (:data:`IMAGENET_R`).
@@ -821,8 +831,8 @@ def cls_method_cost_table(df, config: dict):
     selection; work that grows with the images beyond the pass itself, such as RanPAC's Gram products, 2 M^2 flops
     per image, is timed on those images only, so the passes' hours are a lower bound); the evaluation of every seen
     task after every task at its evaluation rate. Disk: the state after the last task (this track keeps only the
-    latest). Per-task values beyond the measured tasks: the last
-    one (``trains``, ``hook_s``) or carried on linearly (``state_bytes``, :func:`per_task`).
+    latest). Per-task values beyond the measured tasks: the last one (``trains``, ``hook_s``) or carried on linearly
+    (``state_bytes``, :func:`per_task`). Epochs: :func:`cls_settings`, else the method's default.
     """
     import pandas as pd
 
@@ -831,28 +841,28 @@ def cls_method_cost_table(df, config: dict):
     from .methods.registry import get_method
 
     rows_m = df[df.case == "cls_method"].set_index("method")
-    base = {**config.get("cls_train", {})}
+    n_runs = len(config.get("cls_seeds", config.get("seeds", [])))
     rows = []
     for T in config.get("cls_n_tasks", config.get("n_tasks", [])):
         for m in config.get("cls_methods", []):
             if m not in rows_m.index:
                 continue
             r = rows_m.loc[m]
-            joint = get_method("cls", m).joint  # one task of every class, evaluated once (the upper bound)
-            k = 1 if joint else T  # tasks trained
+            cls = get_method("cls", m)
+            k = 1 if cls.joint else T  # tasks trained: a joint method trains one task of every class
             per_task_images = IMAGENET_R["train"] / k
-            split = lambda col: [float(v) for v in str(r[col]).split(";")]  # noqa: E731
-            last = lambda col: [split(col)[min(t, len(split(col)) - 1)] for t in range(k)]  # noqa: E731
-            epochs = {**base, **config.get("cls_method_settings", {}).get(m, {})}.get("epochs", 50)
-            trains = sum(last("trains"))
+            measured = {c: [float(v) for v in str(r[c]).split(";")] for c in CLS_PER_TASK}
+            last = {c: [v[min(t, len(v) - 1)] for t in range(k)] for c, v in measured.items()}
+            epochs = cls_settings(config, m).get("epochs", cls.Settings().epochs)
+            trains = sum(last["trains"])
             train_s = trains * epochs * per_task_images / r.rate if trains else 0.0
-            hooks_s = sum(last("hook_s")) + k * int(r.hook_passes) * per_task_images / r.eval_images_per_s
-            eval_s = IMAGENET_R["test"] * (1 if joint else (T + 1) / 2) / r.eval_images_per_s
-            n_runs = len(config.get("cls_seeds", config.get("seeds", [])))
+            hooks_s = sum(last["hook_s"]) + k * int(r.hook_passes) * per_task_images / r.eval_images_per_s
+            eval_s = IMAGENET_R["test"] * (1 if cls.joint else (T + 1) / 2) / r.eval_images_per_s
             rows.append({"n_tasks": T, "method": m, "epochs": epochs, "train_h_per_run": train_s / 3600,
                          "passes_h_per_run": hooks_s / 3600, "evaluation_h_per_run": eval_s / 3600, "runs": n_runs,
                          "total_h": (train_s + hooks_s + eval_s) / 3600 * n_runs,
-                         "state_gb": per_task(split("state_bytes"), k)[-1] / 1e9, "peak_memory_gb": r.peak_memory_gb})
+                         "state_gb": per_task(measured["state_bytes"], k)[-1] / 1e9,
+                         "peak_memory_gb": r.peak_memory_gb})
     return pd.DataFrame(rows)
 
 

@@ -261,7 +261,7 @@ def cmd_bench(a):
 
     import yaml
 
-    from .bench import BenchOptions, bench, cost_markdown
+    from .bench import BenchOptions, bench, cls_settings, cost_markdown
     from .utils import atomic_write_text
 
     if a.cost_config and not Path(a.cost_config).is_file():
@@ -281,9 +281,8 @@ def cmd_bench(a):
                      steps=a.steps, batch=a.batch, rank=a.rank, sample_steps=a.sample_steps, n_images=a.n_images,
                      cls_batch=a.cls_batch, method_tasks=a.method_tasks)
     settings = cfg.get("method_settings") or {}
-    cls_settings = {m: {**(cfg.get("cls_train") or {}), **((cfg.get("cls_method_settings") or {}).get(m) or {})}
-                    for m in cls_names}
-    df = bench(o, a.cases, host, out, methods={m: settings.get(m, {}) for m in names}, cls_methods=cls_settings)
+    df = bench(o, a.cases, host, out, methods={m: settings.get(m, {}) for m in names},
+               cls_methods={m: cls_settings(cfg, m) for m in cls_names})
     cols = ["case", "way", "arch", "dtype", "rate", "unit", "ratio", "peak_memory_gb", "mfu"] + \
         (["method"] if "method" in df else [])
     print(df[cols].to_string(index=False))

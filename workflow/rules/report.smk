@@ -44,7 +44,8 @@ rule run_config:
 # LoRA / Custom Diffusion examples, StableDiffusionPipeline's call, CODA-P's two passes), on Stable Diffusion v1.x
 # and ViT-B/16 architectures with random weights; then every text-to-image method of config/paper.yaml through
 # the engine (its step, its sampling inside training, its checkpoint bytes), and every classification method (its
-# step, its passes over the images, its evaluation); and the paper profile's hours, disk and memory from those. Not part of `all`. On a GPU the paper's sizes run; on a CPU a reduced resolution (the CSV's rows say which).
+# step, its passes over the images, its evaluation); and the paper profile's hours, disk and memory from those.
+# Not part of `all`. On a GPU the paper's sizes run; on a CPU a reduced resolution (the CSV's rows say which).
 BENCH_HOST = os.environ.get("CONTINUAL_BENCH_HOST") or __import__("socket").gethostname().split(".")[0]
 
 
